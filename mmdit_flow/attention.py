@@ -1,0 +1,54 @@
+"""One attention entry point for every model.
+
+Glossary: ``q``, ``k``, ``v`` are [B, H, L, D] (batch, heads, tokens, head dim); the result is [B, L, H * D].
+
+Backends:
+- ``"sdpa"`` (default): ``torch.nn.functional.scaled_dot_product_attention``, which picks flash or
+  memory-efficient kernels on CUDA by itself.
+- ``"xformers"``: xformers' memory-efficient attention, imported lazily; CUDA tensors only.
+- ``"reference"``: plain softmax(q k^T / sqrt(D)) v in fp32, kept for tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("sdpa", "xformers", "reference")
+
+
+def check_backend(backend: str) -> str:
+    """Return ``backend`` if it names a known attention backend, else raise a ValueError listing them."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "xformers":
+        try:
+            import xformers.ops  # noqa: F401
+        except ImportError as err:
+            raise ValueError(
+                "attention backend 'xformers' needs the xformers package: pip install 'mmdit-flow[xformers]'"
+            ) from err
+    return backend
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v for q, k, v [B, H, L, D]; returns [B, L, H * D]."""
+    B, H, L, D = q.shape
+    if backend == "sdpa":
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, H, L, D]
+        return out.transpose(1, 2).reshape(B, L, H * D)
+    if backend == "xformers":
+        if not q.is_cuda:
+            raise ValueError("attention backend 'xformers' runs on CUDA tensors only; use 'sdpa' on the CPU")
+        import xformers.ops
+
+        # xformers wants [B, L, H, D]
+        out = xformers.ops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.reshape(B, L, H * D)
+    if backend == "reference":
+        scores = q.float() @ k.float().transpose(-1, -2) / math.sqrt(D)  # [B, H, L, L]
+        out = scores.softmax(dim=-1) @ v.float()  # [B, H, L, D]
+        return out.to(q.dtype).transpose(1, 2).reshape(B, L, H * D)
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
