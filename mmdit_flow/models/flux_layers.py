@@ -1,0 +1,174 @@
+"""The building blocks of Flux: rotary position embedding, double-stream and single-stream blocks, last layer.
+
+Glossary: ``img`` image tokens [B, N, D], ``txt`` text tokens [B, L, D], ``x`` the joint sequence [txt; img]
+[B, L + N, D] of the single-stream blocks, ``vec`` the conditioning vector [B, D] (timestep + pooled text
+[+ guidance]), ``pe`` the rotary tables of the joint sequence, ``H`` heads, ``Dh`` head dim, ``backend`` the
+attention backend name (see ``mmdit_flow.attention``).
+
+Every block is adaLN-modulated: ``modulate(norm(x), shift, scale) = norm(x) * (1 + scale) + shift`` before a
+sub-layer and ``x + gate * sublayer(...)`` after it, with (shift, scale, gate) a linear function of SiLU(vec).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmdit_flow.attention import attention
+from mmdit_flow.models.layers import MLP, Modulation, RMSNorm, layer_norm, modulate
+
+
+class Rope(NamedTuple):
+    """Rotary tables, fp32 [L, Dh / 2, 2] each: ``cos_sin`` = (cos, sin), ``msin_cos`` = (-sin, cos)."""
+
+    cos_sin: torch.Tensor
+    msin_cos: torch.Tensor
+
+
+def rope(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: float = 10000.0) -> Rope:
+    """Rotary tables for positions ``ids`` [L, n_axes]: axis a rotates ``axes_dim[a]`` channels of each head.
+
+    Channel pair (2i, 2i + 1) of axis a turns by the angle ``ids[:, a] * theta^(-2i / axes_dim[a])``; the
+    angles are computed in float64 (fp32 where the device has none), the tables returned in fp32.
+    """
+    dtype = torch.float32 if ids.device.type in ("mps", "npu") else torch.float64
+    angles = []
+    for a, dim in enumerate(axes_dim):
+        omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=dtype, device=ids.device) / dim)  # [dim / 2]
+        angles.append(ids[:, a].to(dtype)[:, None] * omega[None])  # [L, dim / 2]
+    angle = torch.cat(angles, dim=-1)  # [L, Dh / 2]
+    cos, sin = angle.cos().float(), angle.sin().float()
+    return Rope(torch.stack([cos, sin], dim=-1), torch.stack([-sin, cos], dim=-1))
+
+
+def apply_rope(x: torch.Tensor, pe: Rope) -> torch.Tensor:
+    """Rotate channel pairs (x_2i, x_2i+1) of x [B, H, L, Dh] by the angles of ``pe``, in fp32.
+
+    (x_2i, x_2i+1) -> (x_2i cos - x_2i+1 sin, x_2i sin + x_2i+1 cos) = x_2i (cos, sin) + x_2i+1 (-sin, cos).
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))  # [B, H, L, Dh / 2, 2]
+    out = torch.addcmul(pe.cos_sin * pairs[..., :1], pe.msin_cos, pairs[..., 1:])
+    return out.flatten(-2).to(x.dtype)  # [B, H, L, Dh]
+
+
+class QKNorm(nn.Module):
+    """RMS-norm of queries and keys over the head dim, each with its own learned scale."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.query_norm = RMSNorm(head_dim)
+        self.key_norm = RMSNorm(head_dim)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.query_norm(q), self.key_norm(k)
+
+
+class SelfAttention(nn.Module):
+    """The weights of one stream's attention: fused q/k/v projection, QK-norm, output projection."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.norm = QKNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, L, D] -> normed q, normed k, v, each [B, H, L, Dh]."""
+        q, k, v = split_heads(self.qkv(x), self.num_heads)
+        q, k = self.norm(q, k)
+        return q, k, v
+
+
+def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[B, L, 3 * H * Dh] -> q, k, v [B, H, L, Dh] (views, no copy)."""
+    B, L, _ = qkv.shape
+    qkv = qkv.view(B, L, 3, num_heads, -1).permute(2, 0, 3, 1, 4)  # [3, B, H, L, Dh]
+    return qkv[0], qkv[1], qkv[2]
+
+
+def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe: Rope, backend: str) -> torch.Tensor:
+    """Attention with rotary positions: q, k, v [B, H, L, Dh] -> [B, L, H * Dh]."""
+    return attention(apply_rope(q, pe), apply_rope(k, pe), v, backend)
+
+
+class DoubleStreamBlock(nn.Module):
+    """MMDiT block: image and text keep their own weights and meet only in one joint attention.
+
+    img += gate1 * proj(attn_img); img += gate2 * mlp(modulate(norm(img), shift2, scale2)), likewise for txt,
+    where attn runs over the concatenated sequence [txt; img].
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        mlp_hidden = int(dim * mlp_ratio)
+        self.img_mod = Modulation(dim, 6)
+        self.img_attn = SelfAttention(dim, num_heads)
+        self.img_mlp = MLP(dim, mlp_hidden)
+        self.txt_mod = Modulation(dim, 6)
+        self.txt_attn = SelfAttention(dim, num_heads)
+        self.txt_mlp = MLP(dim, mlp_hidden)
+
+    def forward(
+        self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, pe: Rope, backend: str = "sdpa"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
+        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
+
+        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(layer_norm(img), img_shift1, img_scale1))
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(layer_norm(txt), txt_shift1, txt_scale1))
+        q = torch.cat([txt_q, img_q], dim=2)  # [B, H, L + N, Dh]
+        k = torch.cat([txt_k, img_k], dim=2)
+        v = torch.cat([txt_v, img_v], dim=2)
+        attn = rope_attention(q, k, v, pe, backend)  # [B, L + N, D]
+        txt_attn, img_attn = attn.split([txt.shape[1], img.shape[1]], dim=1)
+
+        img = torch.addcmul(img, img_gate1, self.img_attn.proj(img_attn))
+        img = torch.addcmul(img, img_gate2, self.img_mlp(modulate(layer_norm(img), img_shift2, img_scale2)))
+        txt = torch.addcmul(txt, txt_gate1, self.txt_attn.proj(txt_attn))
+        txt = torch.addcmul(txt, txt_gate2, self.txt_mlp(modulate(layer_norm(txt), txt_shift2, txt_scale2)))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """Parallel attention and MLP over the joint sequence, with fused input and output projections.
+
+    h = modulate(norm(x), shift, scale); [qkv, m] = linear1(h); x += gate * linear2([attn(qkv), gelu(m)]).
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.dim = dim
+        self.num_heads = num_heads
+        self.mlp_hidden = int(dim * mlp_ratio)
+        self.linear1 = nn.Linear(dim, 3 * dim + self.mlp_hidden)
+        self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
+        self.norm = QKNorm(dim // num_heads)
+        self.modulation = Modulation(dim, 3)
+
+    def forward(self, x: torch.Tensor, vec: torch.Tensor, pe: Rope, backend: str = "sdpa") -> torch.Tensor:
+        shift, scale, gate = self.modulation(vec)
+        qkv, mlp = self.linear1(modulate(layer_norm(x), shift, scale)).split(
+            [3 * self.dim, self.mlp_hidden], -1
+        )
+        q, k, v = split_heads(qkv, self.num_heads)
+        q, k = self.norm(q, k)
+        attn = rope_attention(q, k, v, pe, backend)  # [B, L + N, D]
+        out = self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1))
+        return torch.addcmul(x, gate, out)
+
+
+class LastLayer(nn.Module):
+    """Final adaLN (shift, scale) and the linear map from tokens to packed velocity patches."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.modulation = Modulation(dim, 2)
+        self.linear = nn.Linear(dim, out_dim)
+
+    def forward(self, img: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.modulation(vec)
+        return self.linear(modulate(layer_norm(img), shift, scale))
