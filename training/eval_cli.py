@@ -1,0 +1,79 @@
+"""``mmdit-flow eval IMAGE_DIR``: score images against their captions with the captioned-shapes evaluator.
+
+The captions come from a ``metadata.jsonl`` (Hugging Face imagefolder convention: one JSON object per line
+with ``file_name`` relative to the image folder and ``text``), by default the one inside IMAGE_DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HELP = "Check images against their captions (captioned shapes): per-attribute and overall accuracy."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image_dir", type=Path, help="folder of images")
+    parser.add_argument(
+        "--captions",
+        type=Path,
+        default=None,
+        help="metadata.jsonl with 'file_name' and 'text' per line (default: IMAGE_DIR/metadata.jsonl)",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the results, per image too, here")
+
+
+def read_metadata(path: Path) -> list[tuple[str, str]]:
+    """(file_name, caption) pairs from a metadata.jsonl; ValueError naming the line if one is malformed."""
+    pairs = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            pairs.append((str(row["file_name"]), str(row["text"])))
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(
+                f"{path}:{n}: expected a JSON object with 'file_name' and 'text' ({err})"
+            ) from err
+    if not pairs:
+        raise ValueError(f"{path} has no captions")
+    return pairs
+
+
+def run(args: argparse.Namespace) -> int:
+    from mmdit_flow.training.evaluator import ATTRIBUTES, evaluate
+    from PIL import Image
+
+    captions_path = args.captions or args.image_dir / "metadata.jsonl"
+    if not captions_path.is_file():
+        print(f"error: no captions file at {captions_path}; pass --captions metadata.jsonl", file=sys.stderr)
+        return 2
+    try:
+        pairs = read_metadata(captions_path)
+        images = []
+        for name, _ in pairs:
+            path = args.image_dir / name
+            if not path.is_file():
+                raise ValueError(f"image {path} named in {captions_path} does not exist")
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        result = evaluate(images, [text for _, text in pairs])
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{result.n_images} images")
+    for name in ATTRIBUTES:
+        if name in result.per_attribute:
+            print(f"  {name:<11s} {result.per_attribute[name]:7.2%}")
+    print(f"  {'overall':<11s} {result.overall:7.2%}   (mean over all attribute checks)")
+    print(f"  {'all correct':<11s} {result.all_correct:7.2%}   (images with every attribute right)")
+    if args.json is not None:
+        out = result.to_dict()
+        out["files"] = [name for name, _ in pairs]
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1))
+        print(f"wrote {args.json}")
+    return 0
