@@ -55,8 +55,8 @@ def inputs(config: SD3Config, batch: int = 2, h: int = 10, w: int = 6, seq: int 
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, config.in_channels, h, w, generator=gen)
     t = torch.rand(batch, generator=gen)
-    txt = torch.randn(batch, seq, config.context_in_dim, generator=gen)
-    vec = torch.randn(batch, config.vec_in_dim, generator=gen)
+    txt = torch.randn(batch, seq, config.context_dim, generator=gen)
+    vec = torch.randn(batch, config.vec_dim, generator=gen)
     return x, t, txt, vec
 
 
@@ -105,11 +105,11 @@ def test_attention_backends_agree():
     x, t, txt, vec = inputs(model.config)
     with torch.no_grad():
         sdpa = model(x, t, txt, vec)
-        model.attn_backend = "reference"
+        model.attention_backend = "reference"
         reference = model(x, t, txt, vec)
     assert rel_err(sdpa, reference) < 1e-5
     with pytest.raises(ValueError, match="sdpa"):
-        model.attn_backend = "flash"
+        model.attention_backend = "flash"
 
 
 def test_gradient_checkpointing_same_loss_and_gradients():
@@ -190,7 +190,7 @@ def test_presets_and_guidance():
     ],
 )
 def test_bad_config_raises(changes, match):
-    base = SD3Config(hidden_size=32, num_heads=4, depth=3, context_in_dim=24, vec_in_dim=20, sample_size=8)
+    base = SD3Config(hidden_size=32, num_heads=4, depth=3, context_dim=24, vec_dim=20, sample_size=8)
     with pytest.raises(ValueError, match=match):
         dataclasses.replace(base, **changes)
 

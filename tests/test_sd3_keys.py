@@ -55,8 +55,8 @@ def run_both(theirs, ours: SD3Transformer) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     c = ours.config
     x = torch.randn(2, c.in_channels, 8, 6, generator=gen)
-    t, txt = torch.rand(2, generator=gen), torch.randn(2, 7, c.context_in_dim, generator=gen)
-    vec = torch.randn(2, c.vec_in_dim, generator=gen)
+    t, txt = torch.rand(2, generator=gen), torch.randn(2, 7, c.context_dim, generator=gen)
+    vec = torch.randn(2, c.vec_dim, generator=gen)
     with torch.no_grad():
         ref = theirs(
             hidden_states=x, encoder_hidden_states=txt, pooled_projections=vec, timestep=1000 * t

@@ -46,8 +46,8 @@ class SD3Config:
     hidden_size: int = 1536  # D = num_heads * head dim
     num_heads: int = 24
     depth: int = 24  # joint blocks
-    context_in_dim: int = 4096  # width of the text tokens (T5 / CLIP features)
-    vec_in_dim: int = 2048  # width of the pooled text vector (CLIP-L + CLIP-G)
+    context_dim: int = 4096  # width of the text tokens (T5 / CLIP features)
+    vec_dim: int = 2048  # width of the pooled text vector (CLIP-L + CLIP-G)
     pos_embed_max_size: int = 192  # side of the square position table, in patches
     sample_size: int = 128  # latent side the table's positions are scaled to (sets the table's frequencies)
     qk_norm: str | None = None  # None | "rms_norm" (SD3.5)
@@ -58,7 +58,7 @@ class SD3Config:
         for name in ("in_channels", "out_channels", "patch_size", "hidden_size", "num_heads", "depth"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"SD3Config.{name} must be a positive int, got {getattr(self, name)!r}")
-        for name in ("context_in_dim", "vec_in_dim", "pos_embed_max_size", "sample_size"):
+        for name in ("context_dim", "vec_dim", "pos_embed_max_size", "sample_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"SD3Config.{name} must be a positive int, got {getattr(self, name)!r}")
         if self.hidden_size % self.num_heads:
@@ -227,21 +227,21 @@ class SD3Transformer(nn.Module):
     """SD3 / SD3.5 MMDiT: ``model(x, t, txt, vec) -> v``, the velocity for latents ``x`` at flow time ``t``.
 
     Set ``model.gradient_checkpointing = True`` to recompute each block in the backward pass, and
-    ``model.attn_backend`` to one of ``mmdit_flow.attention.BACKENDS``.
+    ``model.attention_backend`` to one of ``mmdit_flow.attention.BACKENDS``.
     """
 
-    def __init__(self, config: SD3Config, attn_backend: str = "sdpa"):
+    def __init__(self, config: SD3Config, *, attention_backend: str = "sdpa"):
         super().__init__()
         self.config = c = config
-        self.attn_backend = attn_backend
+        self.attention_backend = attention_backend
         self.gradient_checkpointing = False
         D = c.hidden_size
         self.x_embedder = PatchEmbed(c.in_channels, D, c.patch_size)
         table = sincos_2d_table(D, c.pos_embed_max_size, c.sample_size // c.patch_size)
         self.register_buffer("pos_embed", table[None], persistent=True)  # [1, M * M, D]
         self.t_embedder = MLPEmbedder(TIME_DIM, D)
-        self.y_embedder = MLPEmbedder(c.vec_in_dim, D)
-        self.context_embedder = nn.Linear(c.context_in_dim, D)
+        self.y_embedder = MLPEmbedder(c.vec_dim, D)
+        self.context_embedder = nn.Linear(c.context_dim, D)
         self.blocks = nn.ModuleList(
             JointBlock(
                 D, c.num_heads, c.qk_norm, dual=i in c.dual_attention_layers, pre_only=i == c.depth - 1
@@ -252,12 +252,12 @@ class SD3Transformer(nn.Module):
         self.initialize_weights()
 
     @property
-    def attn_backend(self) -> str:
-        return self._attn_backend
+    def attention_backend(self) -> str:
+        return self._attention_backend
 
-    @attn_backend.setter
-    def attn_backend(self, backend: str) -> None:
-        self._attn_backend = check_backend(backend)
+    @attention_backend.setter
+    def attention_backend(self, backend: str) -> None:
+        self._attention_backend = check_backend(backend)
 
     def initialize_weights(self) -> None:
         """DiT init: Xavier-uniform linears with zero bias, N(0, 0.02) timestep MLP, and adaLN-Zero (every
@@ -292,10 +292,10 @@ class SD3Transformer(nn.Module):
             raise ValueError(f"latent size {H}x{W} must be a multiple of the patch size {p}")
         if H // p > M or W // p > M:
             raise ValueError(f"latent size {H}x{W} exceeds the position table: at most {M * p}x{M * p}")
-        if txt.ndim != 3 or txt.shape[0] != B or txt.shape[2] != c.context_in_dim:
-            raise ValueError(f"txt must be [B={B}, L, {c.context_in_dim}], got shape {tuple(txt.shape)}")
-        if vec.shape != (B, c.vec_in_dim):
-            raise ValueError(f"vec must be [B={B}, {c.vec_in_dim}], got shape {tuple(vec.shape)}")
+        if txt.ndim != 3 or txt.shape[0] != B or txt.shape[2] != c.context_dim:
+            raise ValueError(f"txt must be [B={B}, L, {c.context_dim}], got shape {tuple(txt.shape)}")
+        if vec.shape != (B, c.vec_dim):
+            raise ValueError(f"vec must be [B={B}, {c.vec_dim}], got shape {tuple(vec.shape)}")
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(B)
@@ -311,7 +311,7 @@ class SD3Transformer(nn.Module):
         vec: torch.Tensor,
         guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [B, C, H, W], t [B] in [0, 1] (1 = noise), txt [B, L, context_in_dim], vec [B, vec_in_dim]
+        """x [B, C, H, W], t [B] in [0, 1] (1 = noise), txt [B, L, context_dim], vec [B, vec_dim]
         -> v [B, C_out, H, W] in x's dtype. Inputs are cast to the weights' dtype (e.g. an fp32 ODE state
         into a bf16 network)."""
         t = self._check_inputs(x, t, txt, vec, guidance)
@@ -325,8 +325,8 @@ class SD3Transformer(nn.Module):
         txt = self.context_embedder(txt)  # [B, L, D]
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                img, txt = checkpoint(block, img, txt, vec, self.attn_backend, use_reentrant=False)
+                img, txt = checkpoint(block, img, txt, vec, self.attention_backend, use_reentrant=False)
             else:
-                img, txt = block(img, txt, vec, self.attn_backend)
+                img, txt = block(img, txt, vec, self.attention_backend)
         img = self.final(img, vec)  # [B, h * w, p * p * C_out]
         return unpatchify(img, h, w, c.patch_size).to(out_dtype)
