@@ -158,13 +158,17 @@ def load_components(
     safe = None if allow_pickle else True  # use_safetensors: None lets the libraries fall back to pickle
     t5_dtype = torch.float32 if dtype == torch.float16 else dtype
 
-    transformer = load_transformer(folder / "transformer", device=place, dtype=dtype).eval()
+    transformer = load_transformer(
+        folder / "transformer", device=place, dtype=dtype, allow_pickle=allow_pickle
+    )
     transformer_config = json.loads((folder / "transformer" / "config.json").read_text())
     scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     check_scheduler(scheduler_config)
 
-    vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=safe)
-    vae = vae.to(device=place, dtype=torch.float32 if vae.config.force_upcast else dtype).eval()
+    upcast = bool(AutoencoderKL.load_config(folder / "vae").get("force_upcast", False))
+    vae_dtype = torch.float32 if upcast else dtype
+    vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=safe, torch_dtype=vae_dtype)
+    vae = vae.to(place).eval()
 
     encoders, tokenizers = {}, {}
     for name in names:
