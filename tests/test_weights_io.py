@@ -382,3 +382,20 @@ def test_dtype_option_and_dtype_preserved():
     io.load_into(real, sd)  # a real model keeps its own dtype and copies values in
     assert real.proj.weight.dtype == torch.float32
     assert torch.equal(real.proj.weight, sd["proj.weight"].float())
+
+
+def test_pickle_named_safetensors_is_recognised(tmp_path):
+    path = tmp_path / "model.safetensors"
+    torch.save(_sd(), path)
+    with pytest.raises(CheckpointError, match="pickle/zip file with a .safetensors name") as err:
+        io.read_state_dict(path)
+    assert str(path) in str(err.value)
+
+
+def test_header_whose_size_starts_like_pickle_still_reads(tmp_path):
+    """A 128-byte header starts the file with 0x80, the pickle opcode: it must still read as safetensors."""
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode().ljust(128)
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(struct.pack("<Q", 128) + header + struct.pack("<2f", 1.5, -2.0))
+    assert path.read_bytes()[0] == 0x80
+    assert torch.equal(io.read_state_dict(path)["w"], torch.tensor([1.5, -2.0]))

@@ -109,12 +109,12 @@ def read_safetensors_header(path: str | os.PathLike) -> dict:
         prefix = f.read(8)
         if len(prefix) < 8:
             raise CheckpointError(f"{path} is {size} bytes, too small for a safetensors file: re-download it")
-        if prefix.startswith(b"PK\x03\x04") or prefix[:1] == b"\x80":
+        (n,) = struct.unpack("<Q", prefix)
+        if n > _MAX_HEADER and (prefix.startswith(b"PK\x03\x04") or prefix[:1] == b"\x80"):
             raise CheckpointError(
                 f"{path} is a PyTorch pickle/zip file with a .safetensors name; rename it to .bin or .pt "
                 "and load it with allow_pickle=True if you trust it"
             )
-        (n,) = struct.unpack("<Q", prefix)
         if n > _MAX_HEADER:
             raise CheckpointError(
                 f"{path} has a corrupt safetensors header (declared header size {n:,} bytes): "

@@ -212,22 +212,13 @@ def _build(fam: KeyFormat, config: Any) -> nn.Module:
     return model
 
 
-def set_attention_backend(model: nn.Module, backend: str) -> None:
-    """Set the attention backend of an SD3 (``attn_backend``) or Flux (``attention_backend``) model."""
-    for attr in ("attn_backend", "attention_backend"):
-        if isinstance(getattr(type(model), attr, None), property):
-            setattr(model, attr, backend)
-            return
-    raise ValueError(f"{type(model).__name__} has no attention backend to set")
-
-
 def load_transformer(
     path: str | os.PathLike,
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     allow_pickle: bool = False,
-    attn_backend: str | None = None,
+    attention_backend: str | None = None,
 ) -> nn.Module:
     """Load an SD3 / SD3.5 / Flux transformer from a diffusers folder or an original single file.
 
@@ -240,8 +231,8 @@ def load_transformer(
     load_into(model, resolved.state_dict, strict=True, dtype=dtype, source=resolved.source)
     if device is not None:
         model.to(device)
-    if attn_backend is not None:
-        set_attention_backend(model, attn_backend)
+    if attention_backend is not None:  # "sdpa" | "xformers" | "reference", checked by the model
+        model.attention_backend = attention_backend
     return model.eval()
 
 
