@@ -257,15 +257,14 @@ def _check_open(t: float | torch.Tensor, *, lower: bool) -> None:
 
 
 class GaussianPath:
-    """The linear path for Gaussian data x0 ~ N(m, C), C = Q diag(lam) Q^T, noise ~ N(0, I):
-    everything is analytic.
+    """The linear path for Gaussian data x0 ~ N(m, C), C = Q diag(lam) Q^T, noise ~ N(0, I), in closed form:
 
-            x_t ~ N(mu_t, C_t),  mu_t = (1 - t) m,  C_t = (1 - t)^2 C + t^2 I
-            v(x, t)    = -m + (t I - (1 - t) C) C_t^-1 (x - mu_t)     (marginal velocity E[noise - x0 | x_t = x])
-            score(x,t) = -C_t^-1 (x - mu_t)
-            flow map   : x_s = mu_s + C_s^(1/2) C_t^(-1/2) (x_t - mu_t)  (all matrices commute)
+        x_t ~ N(mu_t, C_t),  mu_t = (1 - t) m,  C_t = (1 - t)^2 C + t^2 I
+        v(x, t)    = -m + (t I - (1 - t) C) C_t^-1 (x - mu_t)    (the marginal E[noise - x0 | x_t = x])
+        score(x,t) = -C_t^-1 (x - mu_t)
+        flow map   : x_s = mu_s + C_s^(1/2) C_t^(-1/2) (x_t - mu_t)  (all matrices commute)
 
-        Used as the oracle for solvers, conversions and likelihoods; x is [B, D], any float dtype.
+    Used as the oracle for solvers, conversions and likelihoods; x is [B, D], any float dtype.
     """
 
     def __init__(self, mean: torch.Tensor, eigvals: torch.Tensor, eigvecs: torch.Tensor | None = None):
