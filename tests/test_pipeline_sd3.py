@@ -134,7 +134,7 @@ def test_save_pretrained_loads_in_diffusers(sd3, tmp_path):
     a = _ref(ref, "a photo of a cat", height=16, width=24, negative_prompt="bad")
     b = _ours(ours, "a photo of a cat", height=16, width=24, negative_prompt="bad")
     c = _ours(again, "a photo of a cat", height=16, width=24, negative_prompt="bad")
-    assert np.abs(a - b).max() <= TOL and np.abs(b - c).max() == 0
+    assert np.abs(a - b).max() <= TOL and np.abs(b - c).max() <= 1e-6  # the same weights
 
 
 def test_outputs_and_return_types(sd3):
