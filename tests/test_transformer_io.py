@@ -230,6 +230,29 @@ def test_original_file_without_our_metadata(case, saved, tmp_path):
     assert rel_err(ours(load_transformer(tmp_path / "release.safetensors"), case), expected) < 1e-5
 
 
+@pytest.mark.parametrize("case", ["sd3", "sd35_dual"])
+def test_original_sd3_file_loads_in_diffusers_from_single_file(case, saved, tmp_path):
+    """Our format="original" is the released layout: diffusers' own single-file loader reads it."""
+    from diffusers import SD3Transformer2DModel
+
+    ref, folder, expected = saved(case)
+    ref.save_pretrained(tmp_path / "config" / "transformer")  # the config diffusers needs besides the file
+    path = save_transformer(load_transformer(folder), tmp_path / "sd3.safetensors", format="original")
+    theirs = SD3Transformer2DModel.from_single_file(
+        str(path), config=str(tmp_path / "config"), subfolder="transformer", local_files_only=True
+    ).eval()
+    assert rel_err(diffusers_velocity(case, theirs, **inputs(case)), expected) < 1e-5
+
+
+def test_flux_file_under_a_prefix_loads(saved, tmp_path):
+    """ComfyUI-style Flux files keep the BFL names under model.diffusion_model."""
+    _, folder, expected = saved("flux_dev")
+    path = save_transformer(load_transformer(folder), tmp_path / "m.safetensors", format="original")
+    prefixed = {"model.diffusion_model." + k: v for k, v in load_file(path).items()}
+    save_file(prefixed, tmp_path / "c.safetensors")
+    assert rel_err(ours(load_transformer(tmp_path / "c.safetensors"), "flux_dev"), expected) < 1e-5
+
+
 def test_all_in_one_file_skips_other_components(saved, tmp_path, caplog):
     _, folder, expected = saved("sd3_qk_norm")
     path = save_transformer(load_transformer(folder), tmp_path / "m.safetensors", format="original")
@@ -350,6 +373,15 @@ def test_unknown_files_and_configs_name_the_file(saved, tmp_path):
     with pytest.raises(CheckpointError, match="UNet2DConditionModel") as err:
         load_transformer(tmp_path / "unet")
     assert "config.json" in str(err.value) and "SD3Transformer2DModel" in str(err.value)
+
+    ours_file = save_transformer(load_transformer(folder), tmp_path / "ours.safetensors", format="original")
+    bad_metadata = [({"mmdit_flow.family": "unet"}, "'unet' model"), ({"mmdit_flow.config": "{"}, "JSON")]
+    for meta, match in bad_metadata:
+        changed = tmp_path / "changed.safetensors"
+        save_file(load_file(ours_file), changed, metadata={**io.read_checkpoint(ours_file).metadata, **meta})
+        with pytest.raises(CheckpointError, match=match) as err:
+            load_transformer(changed)
+        assert str(changed) in str(err.value)
 
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_transformer(tmp_path / "nowhere")

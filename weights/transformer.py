@@ -108,7 +108,10 @@ def _config_from_json(fam: KeyFormat, text: str, source: Path) -> Any:
             "it was probably written by a newer mmdit-flow: upgrade"
         )
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return fam.config_cls(**values)
+    try:
+        return fam.config_cls(**values)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{source}: its stored {fam.name} config is invalid: {err}") from err
 
 
 def config_to_json(config: Any) -> str:
@@ -131,6 +134,10 @@ def _from_single(ckpt: Checkpoint, source: Path) -> _Resolved:
     """Resolve a single file (or a folder's weights without config.json)."""
     meta = ckpt.metadata
     if META_FAMILY in meta:  # written by save_transformer
+        if meta[META_FAMILY] not in FAMILIES:
+            raise CheckpointError(
+                f"{source} holds a {meta[META_FAMILY]!r} model; this version reads {', '.join(FAMILIES)}"
+            )
         fam = family(meta[META_FAMILY])
         config = _config_from_json(fam, meta.get(META_CONFIG, "{}"), source)
         keys = meta.get(META_KEYS, "original")
