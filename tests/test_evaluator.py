@@ -80,7 +80,9 @@ def test_analysis_recovers_geometry():
         assert abs(det.x - obj.x) * 64 <= 1 and abs(det.y - obj.y) * 64 <= 1
         assert abs(det.extent - obj.extent) * 64 <= 1.5
     assert a.detections[0].fill == pytest.approx(1.0, abs=0.03)  # square fills its box
+    assert a.detections[0].diag == pytest.approx(2**0.5, abs=0.1)  # square: diagonal extent sqrt(2) x side
     assert a.detections[1].drop == pytest.approx(1 / 6, abs=0.04)  # triangle centroid h/6 below box centre
+    assert a.detections[1].taper == pytest.approx(1 / 3, abs=0.06)  # triangle width at 1/4 vs 3/4 height
 
 
 def test_own_images_score_at_least_99_percent(scenes, images):

@@ -8,10 +8,10 @@ Two halves:
   pixels far from it in RGB are foreground; each connected component (``scipy.ndimage.label``) is one object,
   re-segmented at half contrast along the line from the background to its own colour (so blur neither grows
   nor shrinks it). Colour is the nearest named colour in CIELAB; size the side of the bounding box; shape
-  comes from geometry: how far the centroid sits below the box centre (upright triangle h/6, others 0)
-  and the extent along the diagonals over the box side (square sqrt 2, circle 1); position is the nearest
-  anchor of :data:`shapes.POSITION_ANCHORS` to the box centre; a relation compares the two box centres
-  along the dominant axis.
+  comes from geometry: how far the centroid sits below the box centre (upright triangle h/6, others 0),
+  how the width tapers towards the top (triangle), and the extent along the diagonals over the box side
+  (square sqrt 2, circle 1); position is the nearest anchor of :data:`shapes.POSITION_ANCHORS` to the box
+  centre; a relation compares the two box centres along the dominant axis.
 
 :func:`score` turns a claim and the detections into per-attribute checks (``count``, ``shape``, ``color``,
 ``size``, ``position``, ``relation``, ``background``). The k stated objects are matched to the k largest
@@ -163,6 +163,7 @@ class Detection:
     area: float = 0.0  # fraction of the image
     fill: float = 0.0  # area / box area
     drop: float = 0.0  # (centroid y - box centre y) / box height
+    taper: float = 1.0  # width at a quarter of the height / width at three quarters
     diag: float = 0.0  # mean extent along the diagonals / box side
 
     @property
@@ -198,15 +199,15 @@ def _nearest_name(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> 
     return names[int(np.argmin(dist))]
 
 
-def _classify_shape(drop: float, diag: float) -> str:
-    """Triangle: centroid below the box centre; square: long diagonals; else circle.
+def _classify_shape(drop: float, taper: float, diag: float) -> str:
+    """Triangle: centroid below the box centre or a tapering top; square: long diagonals; else circle.
 
-    Prototypes (drop, diag): triangle (1/6, ~1.06), square (0, sqrt 2), circle (0, 1); the thresholds sit
-    between the values measured on renders blurred with sigma up to 1.5 px.
+    Prototypes (drop, taper, diag): triangle (1/6, 1/3, ~1.06), square (0, 1, sqrt 2), circle (0, 1, 1);
+    the thresholds sit between the values measured on renders blurred with sigma up to 1 px plus noise.
     """
-    if drop > 0.045:
+    if drop > 0.045 or taper < 0.7:
         return "triangle"
-    return "square" if diag > 1.09 else "circle"
+    return "square" if diag > 1.08 else "circle"
 
 
 def to_array(image: object) -> np.ndarray:
@@ -235,8 +236,11 @@ def _measure(
     # Extent along the two diagonals over the box side: square sqrt(2), circle 1, triangle about 1.06.
     diag = np.mean([np.ptp(xs + ys) + 1, np.ptp(xs - ys) + 1]) / np.sqrt(2) / np.sqrt(h * w)
     extent = float(np.sqrt(h * w / (h_img * w_img)))
+    # Row widths a quarter and three quarters down the box: an upright triangle tapers (1/3), others not (1).
+    rows = mask.sum(axis=1)[ys.min() - origin[0] : ys.max() - origin[0] + 1]
+    taper = rows[int(h / 4)] / max(rows[min(int(3 * h / 4), h - 1)], 1)
     return Detection(
-        shape=_classify_shape(float(drop), float(diag)),
+        shape=_classify_shape(float(drop), float(taper), float(diag)),
         color=_nearest_name(color_rgb, shapes.COLORS),
         size="small" if extent < _SIZE_SPLIT else "large",
         x=float((x0 + x1) / 2 / w_img),
@@ -246,6 +250,7 @@ def _measure(
         fill=area / float(h * w),
         drop=float(drop),
         diag=float(diag),
+        taper=float(taper),
     )
 
 
