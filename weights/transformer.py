@@ -49,9 +49,10 @@ FAMILIES: dict[str, str | KeyFormat] = {
     "sd3": "mmdit_flow.weights.sd3_keys",
     "flux": "mmdit_flow.weights.flux_keys",
 }
-# prefix of the transformer's keys in a family's original single file ("" when none)
-ORIGINAL_PREFIX = {"sd3": "model.diffusion_model."}
-SD3_PREFIX = "model.diffusion_model."
+# where an all-in-one single file (SD3 / SD3.5, ComfyUI) keeps the transformer beside text encoders and VAE
+DIFFUSION_MODEL_PREFIX = "model.diffusion_model."
+# prefix of the transformer's keys in the original single file we write, per family ("" when none)
+ORIGINAL_PREFIX = {"sd3": DIFFUSION_MODEL_PREFIX}
 FORMATS = ("diffusers", "original")
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 # metadata keys of the files we write
@@ -121,11 +122,12 @@ def config_to_json(config: Any) -> str:
 
 def _strip_original(sd: StateDict, source: Path) -> StateDict:
     """Keys of the transformer alone: ``model.diffusion_model.*`` stripped when present, the rest skipped."""
-    if not any(k.startswith(SD3_PREFIX) for k in sd):
+    prefix = DIFFUSION_MODEL_PREFIX
+    if not any(k.startswith(prefix) for k in sd):
         return sd
-    kept = {k.removeprefix(SD3_PREFIX): v for k, v in sd.items() if k.startswith(SD3_PREFIX)}
-    if skipped := Counter(k.split(".")[0] + ".*" for k in sd if not k.startswith(SD3_PREFIX)):
-        parts = ", ".join(f"{prefix}: {n}" for prefix, n in sorted(skipped.items()))
+    kept = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
+    if skipped := Counter(k.split(".")[0] + ".*" for k in sd if not k.startswith(prefix)):
+        parts = ", ".join(f"{other}: {n}" for other, n in sorted(skipped.items()))
         logger.info("%s: loading the transformer only; skipped other components (%s)", source, parts)
     return kept
 
