@@ -27,7 +27,8 @@ class KeyFormat:
     config_from_diffusers: Callable[[dict[str, Any]], Any]  # diffusers config.json dict -> our config
     config_to_diffusers: Callable[[Any], dict[str, Any]]  # our config -> diffusers config.json dict
     config_from_original: Callable[[StateDict], Any]  # original single-file state dict -> our config
-    is_original: Callable[[StateDict], bool]  # do these (prefix-stripped) keys look like this family's original?
+    # do these (prefix-stripped) keys look like this family's original checkpoint?
+    is_original: Callable[[StateDict], bool]
     from_diffusers: Callable[[StateDict, Any], StateDict]  # (diffusers sd, our config) -> our sd
     to_diffusers: Callable[[StateDict, Any], StateDict]  # (our sd, our config) -> diffusers sd
     from_original: Callable[[StateDict, Any], StateDict]  # (original sd, our config) -> our sd
