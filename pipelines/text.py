@@ -128,7 +128,7 @@ class SD3TextEncoder:
 
     def encode(self, prompts: list[str], max_sequence_length: int | None = None) -> PromptEmbeds:
         """txt = [pad_D(L_hidden ++ G_hidden) ; T5] [B, 77 + n, D]; vec = L_pooled ++ G_pooled [B, P]."""
-        n = max_sequence_length or self.default_max_sequence_length
+        n = self.default_max_sequence_length if max_sequence_length is None else max_sequence_length
         check_max_sequence_length(n, self.limit)
         hidden_l, pooled_l = self.clip_l.encode(prompts)
         hidden_g, pooled_g = self.clip_g.encode(prompts)
@@ -155,7 +155,7 @@ class FluxTextEncoder:
 
     def encode(self, prompts: list[str], max_sequence_length: int | None = None) -> PromptEmbeds:
         """txt = T5 [B, max_sequence_length, D]; vec = CLIP pooled [B, P]."""
-        n = max_sequence_length or self.default_max_sequence_length
+        n = self.default_max_sequence_length if max_sequence_length is None else max_sequence_length
         check_max_sequence_length(n, self.limit)
         _, pooled = self.clip.encode(prompts, hidden=False)
         return PromptEmbeds(self.t5.encode(prompts, n), pooled)
