@@ -1,0 +1,152 @@
+"""Bad input raises a ValueError (or FileNotFoundError) that says how to fix it, before any model runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from components import save_diffusers_folder, sd3_components
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return save_diffusers_folder(sd3_components(), tmp_path_factory.mktemp("sd3"))
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):
+    from mmdit_flow.pipelines import TextToImagePipeline
+
+    return TextToImagePipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
+
+
+OK = {"steps": 1, "height": 16, "width": 16, "progress": False, "max_sequence_length": 8}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"height": 18}, r"height must be a positive multiple of 4 .* use 16 or 20"),
+        ({"width": 30}, r"width must be a positive multiple of 4 .* use 28 or 32"),
+        ({"steps": 0}, r"steps must be an integer >= 1"),
+        ({"steps": 2.5}, r"steps must be an integer >= 1"),
+        ({"guidance": -1.0}, r"guidance must be a number >= 0"),
+        ({"guidance": float("nan")}, r"guidance must be a number >= 0"),
+        ({"sampler": "dpm"}, r"unknown sampler 'dpm'; choose one of euler, midpoint, heun, rk4"),
+        ({"output": "jpg"}, r"unknown output 'jpg'; choose one of pil, np, pt, latent"),
+        ({"num_images": 0}, r"num_images must be an integer >= 1"),
+        ({"negative_prompt": ["a", "b", "c"]}, r"negative_prompt has 3 entries for 2 prompts"),
+        ({"negative_prompt": 5}, r"negative_prompt must be a str or a list of str"),
+        ({"generator": [torch.Generator()] * 3}, r"got 3 generators for 4 images"),
+        ({"seed": 1, "generator": torch.Generator()}, r"pass seed or generator, not both"),
+        ({"seed": [1, 2, 3]}, r"got 3 seeds for 4 images"),
+        ({"latents": torch.zeros(4, 4, 8, 9)}, r"latents must be a tensor of shape \(4, 4, 8, 8\)"),
+        ({"max_sequence_length": 600}, r"max_sequence_length must be an integer in \[1, 512\]"),
+        ({"true_cfg_scale": 3.0}, r"true_cfg_scale is for Flux"),
+    ],
+)
+def test_bad_arguments(pipe, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        pipe(["a cat", "a dog"], **{**OK, "num_images": 2, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "prompt, match",
+    [
+        (123, r"prompt must be a str or a list of str, got int"),
+        ([], r"prompt is an empty list"),
+        (["a", 3], r"prompt must be a str or a list of str"),
+        ("", r"prompt contains an empty prompt"),
+        ("   ", r"prompt contains an empty prompt"),
+        (None, r"pass a prompt"),
+    ],
+)
+def test_bad_prompts(pipe, prompt, match):
+    with pytest.raises(ValueError, match=match):
+        pipe(prompt, **OK)
+
+
+def test_prompt_and_embeddings(pipe):
+    e = pipe.encode_prompt(["a cat"], 8)
+    with pytest.raises(ValueError, match="pass prompt or prompt_embeds"):
+        pipe("a cat", prompt_embeds=e.txt, pooled_prompt_embeds=e.vec, **OK)
+    with pytest.raises(ValueError, match="pass prompt_embeds .* and pooled_prompt_embeds"):
+        pipe(prompt_embeds=e.txt, **OK)
+    with pytest.raises(ValueError, match="pass negative_prompt or negative_prompt_embeds"):
+        pipe(
+            prompt_embeds=e.txt,
+            pooled_prompt_embeds=e.vec,
+            negative_prompt="x",
+            negative_prompt_embeds=e.txt,
+            negative_pooled_prompt_embeds=e.vec,
+            **OK,
+        )
+    # embeddings instead of a prompt give the prompt's image
+    kw = {**OK, "steps": 2, "seed": 0, "output": "np"}
+    neg = pipe.encode_prompt([""], 8)
+    a = pipe("a cat", **kw)
+    b = pipe(prompt_embeds=e.txt, pooled_prompt_embeds=e.vec, **kw)
+    c = pipe(
+        prompt_embeds=e.txt,
+        pooled_prompt_embeds=e.vec,
+        negative_prompt_embeds=neg.txt,
+        negative_pooled_prompt_embeds=neg.vec,
+        **kw,
+    )
+    assert abs(a - b).max() <= 1e-6 and abs(a - c).max() <= 1e-6
+
+
+def test_missing_component_folder_is_named(folder, tmp_path):
+    from mmdit_flow.pipelines import TextToImagePipeline
+
+    broken = shutil.copytree(folder, tmp_path / "broken")
+    shutil.rmtree(broken / "text_encoder_2")
+    with pytest.raises(FileNotFoundError, match="lacks the component folder.*text_encoder_2"):
+        TextToImagePipeline.from_pretrained(broken, device="cpu")
+    with pytest.raises(FileNotFoundError, match="has no model_index.json"):
+        TextToImagePipeline.from_pretrained(folder / "vae", device="cpu")
+
+
+def test_pickle_only_folder_is_refused(folder, tmp_path):
+    from mmdit_flow.pipelines import TextToImagePipeline
+    from safetensors.torch import load_file
+
+    pickled = shutil.copytree(folder, tmp_path / "pickled")
+    weights = pickled / "text_encoder" / "model.safetensors"
+    torch.save(load_file(weights), pickled / "text_encoder" / "pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(ValueError, match=r"text_encoder holds only pickle weights \(pytorch_model.bin\)"):
+        TextToImagePipeline.from_pretrained(pickled, device="cpu")
+    pipe = TextToImagePipeline.from_pretrained(pickled, device="cpu", allow_pickle=True)
+    assert pipe("a cat", **OK) is not None
+
+
+def test_unsupported_folders(folder, tmp_path):
+    from mmdit_flow.pipelines import TextToImagePipeline
+
+    other = shutil.copytree(folder, tmp_path / "other")
+    index = json.loads((other / "model_index.json").read_text())
+    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
+    with pytest.raises(ValueError, match="supported pipelines are FluxPipeline, StableDiffusion3Pipeline"):
+        TextToImagePipeline.from_pretrained(other, device="cpu")
+    (other / "model_index.json").write_text(json.dumps(index))
+    config_path = other / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "use_karras_sigmas": True}))
+    with pytest.raises(ValueError, match="use_karras_sigmas=True, which this pipeline does not implement"):
+        TextToImagePipeline.from_pretrained(other, device="cpu")
+
+
+def test_demo_model_not_shipped_yet():
+    from mmdit_flow.pipelines import TextToImagePipeline
+    from mmdit_flow.pipelines.loading import demo_folder
+
+    try:
+        demo_folder()
+    except FileNotFoundError:
+        with pytest.raises(FileNotFoundError, match="demo model .* is not shipped yet"):
+            TextToImagePipeline.from_pretrained(device="cpu")
+    else:  # shipped: it loads and generates
+        assert TextToImagePipeline.from_pretrained(device="cpu") is not None
