@@ -28,6 +28,7 @@ class ModelConfig:
     pretrained: str | None = None  # a diffusers folder (or its transformer/ subfolder): fine-tune
     overrides: dict[str, Any] = field(default_factory=dict)  # SD3Config fields replaced on the preset
     components: str | None = None  # diffusers folder with vae/ and text encoders; defaults to `pretrained`
+    max_sequence_length: int = 256  # T5 tokens
     gradient_checkpointing: bool = False
 
 
@@ -156,6 +157,7 @@ def validate(c: TrainConfig) -> None:
         raise ValueError("no training data: set data.path, data.shards or data.cache_dir")
     for key, value in [
         ("data.resolution", d.resolution),
+        ("model.max_sequence_length", m.max_sequence_length),
         ("data.batch_size", d.batch_size),
         ("data.bucket_step", d.bucket_step),
         ("data.max_image_pixels", d.max_image_pixels),

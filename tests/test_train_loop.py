@@ -1,0 +1,153 @@
+"""The training loop: exact resume, crash-safe checkpoints, accumulation, non-finite losses."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+from mmdit_flow.training.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint
+from mmdit_flow.training.trainer import NonFiniteLossError, lr_factor, train
+
+from tests.train_helpers import make_cache, tiny_config, tiny_model
+
+
+def _run(config, stop_at=None, model_seed=0):
+    model, losses = tiny_model(model_seed), []
+
+    def on_step(step, result):
+        losses.append(result.loss)
+        if step == stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    code = train(config, model=model, on_step=on_step)
+    return code, model, losses
+
+
+def _optimizer_state(folder):
+    return torch.load(folder / "optimizer.bin", weights_only=True)["state"]
+
+
+def test_resume_is_exact(tmp_path):
+    cache = make_cache(tmp_path / "cache")
+    code, whole, losses = _run(tiny_config(cache, tmp_path / "a"))
+    assert code == 0 and len(losses) == 4
+    # the same run, stopped by SIGTERM after step 2 (a checkpoint is saved), then resumed in a new "process"
+    cfg = tiny_config(cache, tmp_path / "b", output={"checkpoint_every": 100})
+    code, _, first = _run(cfg, stop_at=2)
+    assert code == 128 + signal.SIGTERM and len(first) == 2
+    assert [s for s, _ in complete_checkpoints(tmp_path / "b" / "checkpoints")] == [2]
+    # other initial weights: everything must come from the checkpoint
+    code, resumed, second = _run(cfg, model_seed=1)
+    assert code == 0
+    assert first + second == losses  # data order, random draws and weights reproduce the losses exactly
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    ckpt_a, ckpt_b = tmp_path / "a/checkpoints/step-00000004", tmp_path / "b/checkpoints/step-00000004"
+    sa, sb = _optimizer_state(ckpt_a), _optimizer_state(ckpt_b)
+    for k in sa:
+        assert all(torch.equal(sa[k][n], sb[k][n]) for n in ("exp_avg", "exp_avg_sq", "step"))
+    for name in (
+        "custom_checkpoint_0.pkl",
+        "custom_checkpoint_1.pkl",
+        "custom_checkpoint_2.pkl",
+    ):  # state LR EMA
+        a = torch.load(ckpt_a / name, weights_only=False)
+        b = torch.load(ckpt_b / name, weights_only=False)
+        assert repr(a) == repr(b), name
+
+
+def test_crash_during_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    cache = make_cache(tmp_path / "cache")
+    cfg = tiny_config(cache, tmp_path / "run", output={"checkpoint_every": 1, "keep_checkpoints": 1})
+    real_save = Accelerator.save_state
+
+    def crashing_save(self, output_dir=None, **kw):
+        if output_dir.endswith("step-00000003.tmp"):
+            real_save(self, output_dir, **kw)
+            os.remove(os.path.join(output_dir, "optimizer.bin"))  # half written
+            raise KeyboardInterrupt("power cut")
+        return real_save(self, output_dir, **kw)
+
+    monkeypatch.setattr(Accelerator, "save_state", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        _run(cfg)
+    root = tmp_path / "run/checkpoints"
+    assert [s for s, _ in complete_checkpoints(root)] == [2]  # step 1 rotated away only after 2 was complete
+    assert (root / "step-00000003.tmp").is_dir() and latest_checkpoint(root).name == "step-00000002"
+    monkeypatch.setattr(Accelerator, "save_state", real_save)
+    code, _, losses = _run(cfg)  # resumes at 2, finishes, removes the stale .tmp
+    assert code == 0 and len(losses) == 2
+    assert [s for s, _ in complete_checkpoints(root)] == [4] and not (root / "step-00000003.tmp").exists()
+    # a complete checkpoint whose RNG file is gone fails loudly
+    (root / "step-00000004" / "random_states_0.pkl").unlink()
+    with pytest.raises(CheckpointError, match="random_states_0.pkl"):
+        _run(tiny_config(cache, tmp_path / "run", schedule={"max_steps": 6}))
+
+
+def test_gradient_accumulation_equals_the_combined_batch(tmp_path):
+    cache = make_cache(tmp_path / "cache")
+    # AdamW with eps >> sqrt(v) steps by ~ lr * m / eps, linear in the gradients; with the usual eps it steps
+    # by ~ lr * sign(g), which turns fp32 rounding of near-zero gradients into lr-sized differences
+    sgd_like = {"lr": 1.0, "eps": 1000.0, "weight_decay": 0.0}
+    common = {"schedule": {"max_steps": 3}, "ema": {"decay": 0.0}}
+    big_cfg = tiny_config(cache, tmp_path / "big", data={"batch_size": 4}, optimizer=sgd_like, **common)
+    _, big, big_losses = _run(big_cfg)
+    acc = tiny_config(
+        cache, tmp_path / "acc", data={"batch_size": 1}, optimizer={**sgd_like, "grad_accum": 4}, **common
+    )
+    _, small, small_losses = _run(acc)
+    # equal up to fp32 summation order (a wrong sample or draw would differ by O(1))
+    torch.testing.assert_close(torch.tensor(small_losses), torch.tensor(big_losses), rtol=1e-5, atol=0)
+    for (name, a), b in zip(big.state_dict().items(), small.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(
+        big.state_dict()["final.linear.weight"], tiny_model(0).state_dict()["final.linear.weight"]
+    )
+
+
+class Poisoned(torch.nn.Module):
+    """Returns NaN velocities on the steps listed in ``bad`` (counted by calls to forward)."""
+
+    def __init__(self, bad):
+        super().__init__()
+        self.inner, self.bad, self.calls = tiny_model(0), set(bad), 0
+
+    def forward(self, x, t, txt, vec, guidance=None):
+        self.calls += 1
+        v = self.inner(x, t, txt, vec)
+        return v * float("nan") if self.calls in self.bad else v
+
+
+def test_nonfinite_loss_skips_then_aborts(tmp_path, caplog):
+    cache = make_cache(tmp_path / "cache")
+    cfg = tiny_config(cache, tmp_path / "a", schedule={"max_steps": 3}, ema={"decay": 0.0})
+    model, losses = Poisoned({2}), []
+    before = {}
+
+    def on_step(step, result):
+        losses.append(result)
+        if step == 1:
+            before.update({k: v.clone() for k, v in model.state_dict().items()})
+        if step == 2:
+            for k, v in model.state_dict().items():
+                assert torch.equal(v, before[k]), k  # the skipped step changed nothing
+
+    assert train(cfg, model=model, on_step=on_step) == 0
+    assert [r.skipped for r in losses] == [False, True, False]
+    assert "step 2: non-finite loss" in caplog.text
+    cfg = tiny_config(cache, tmp_path / "b", schedule={"max_steps": 10}, max_nonfinite=3)
+    with pytest.raises(NonFiniteLossError, match="3 steps in a row .* at step 4"):
+        train(cfg, model=Poisoned({2, 3, 4}))
+
+
+def test_lr_schedule_counts_optimizer_steps():
+    from mmdit_flow.training.config import ScheduleConfig
+
+    s = ScheduleConfig(max_steps=10, warmup_steps=2, lr_schedule="linear", min_lr_ratio=0.1)
+    assert [round(lr_factor(i, s), 4) for i in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.55, 0.1]
+    c = ScheduleConfig(max_steps=4, lr_schedule="cosine")
+    assert [round(lr_factor(i, c), 4) for i in range(5)] == [1.0, 0.8536, 0.5, 0.1464, 0.0]

@@ -1,0 +1,574 @@
+"""The training main around accelerate: ``accelerate launch -m mmdit_flow.training CONFIG.yaml [key=value]``.
+
+One optimizer step (``train_step``) takes one step batch (see ``mmdit_flow.training.data``), split into
+``grad_accum`` micro-batches of ``data.batch_size`` per process. Each micro-batch gives the flow-matching loss
+
+    L = mean_b w(t_b) * mean_i (v_theta(x_t, t_b, txt_b, vec_b) - (noise_b - x0_b))_i^2,
+    x_t = (1 - t) x0 + t noise,   t = shift(t0),  t0 ~ scheme
+
+computed by ``mmdit_flow.flow.cfm_loss`` in fp32 (the network may run in bf16 under autocast; the weights stay
+fp32). ``L / grad_accum`` is back-propagated, gradients synchronised across processes only on the last
+micro-step, so k micro-steps equal one step on the combined batch. Then: a non-finite loss or gradient norm
+on any process skips the step (logged; ``max_nonfinite`` in a row abort the run, naming the step); else the
+gradients are clipped, AdamW steps, the LR schedule steps (it counts optimizer steps), the EMA weights follow.
+
+Every random draw of a sample (timestep, noise, caption dropout per text encoder, crop, flip) comes from the
+sample's own seed, a function of (run seed, step, position in the step batch): a run is the same whatever the
+number of processes or micro-steps, and a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from mmdit_flow.training.cache import CachedDataset, Conditioner, TextParts, combine, drop_captions
+from mmdit_flow.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mmdit_flow.training.config import TrainConfig, save_config
+from mmdit_flow.training.data import (
+    BadFiles,
+    ImageFolderDataset,
+    Layout,
+    ShardStream,
+    StepSampler,
+    collate,
+    scan_folder,
+)
+from torch import nn
+
+from mmdit_flow.flow import cfm_loss, sample_t, shift_t
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a NaN or infinite loss or gradient."""
+
+
+# ------------------------------------------------------------------------------------------ run state
+
+
+@dataclass
+class TrainState:
+    """Counters saved in every checkpoint (registered with ``accelerator.register_for_checkpointing``)."""
+
+    step: int = 0  # step batches consumed: optimizer steps plus skipped ones
+    optimizer_steps: int = 0
+    skipped: int = 0
+    nonfinite_in_row: int = 0
+    bad_files: dict[str, str] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class EMA:
+    """Exponential moving average of the trainable weights: ema <- decay * ema + (1 - decay) * w (fp32)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for name, p in model.named_parameters():
+            if name in self.shadow:
+                self.shadow[name].lerp_(p.detach().float(), 1 - self.decay)
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module) -> Iterator[nn.Module]:
+        """The model with the EMA weights for the duration of the block (validation, export)."""
+        params = dict(model.named_parameters())
+        saved = {n: params[n].detach().clone() for n in self.shadow}
+        with torch.no_grad():
+            for n, w in self.shadow.items():
+                params[n].copy_(w)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for n, w in saved.items():
+                    params[n].copy_(w)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.decay = state["decay"]
+        for n, w in state["shadow"].items():
+            self.shadow[n].copy_(w)
+
+
+# ------------------------------------------------------------------------------------- model, optimizer
+
+
+def build_model(config: TrainConfig) -> nn.Module:
+    """A preset SD3 transformer (with ``model.overrides``) in fp32, or the one of ``model.pretrained``."""
+    m = config.model
+    if m.preset is not None:
+        from mmdit_flow.models.sd3 import SD3Config, SD3Transformer
+
+        base = SD3Config.preset(m.preset)
+        fields = {f.name for f in dataclasses.fields(SD3Config)}
+        unknown = sorted(set(m.overrides) - fields)
+        if unknown:
+            raise ValueError(
+                f"model.overrides: unknown SD3Config fields {unknown}; valid: {', '.join(sorted(fields))}"
+            )
+        model = SD3Transformer(dataclasses.replace(base, **m.overrides))
+    else:
+        from mmdit_flow.weights import load_transformer
+
+        path = Path(m.pretrained)
+        if (path / "transformer").is_dir():
+            path = path / "transformer"
+        model = load_transformer(path, device="cpu", dtype=torch.float32)
+    model.gradient_checkpointing = m.gradient_checkpointing
+    return model.float().train()
+
+
+def lr_factor(step: int, schedule: Any) -> float:
+    """LR multiplier after ``step`` optimizer steps: linear warm-up, then constant, linear or cosine decay."""
+    if step < schedule.warmup_steps:
+        return (step + 1) / schedule.warmup_steps
+    span = max(1, schedule.max_steps - schedule.warmup_steps)
+    p = min(1.0, (step - schedule.warmup_steps) / span)
+    low = schedule.min_lr_ratio
+    if schedule.lr_schedule == "linear":
+        return 1 - (1 - low) * p
+    if schedule.lr_schedule == "cosine":
+        return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * p))
+    return 1.0
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
+    o = config.optimizer
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (with LoRA, check lora.target_modules)")
+    opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, config.schedule))
+    return opt, sched
+
+
+# ------------------------------------------------------------------------------------------- the step
+
+
+@dataclass
+class Context:
+    """What a step needs besides the batch."""
+
+    accelerator: Any
+    model: nn.Module  # as prepared by accelerate (DDP-wrapped with several processes)
+    optimizer: Any
+    scheduler: Any
+    config: TrainConfig
+    state: TrainState
+    layout: str  # text layout: "sd3" | "flux"
+    encoders: tuple[str, ...]
+    empty: TextParts  # each encoder's embedding of "", [1, ...]
+    conditioner: Conditioner | None = None  # None when training from a cache
+    ema: EMA | None = None
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over micro-batches and processes (nan when skipped for a non-finite loss)
+    grad_norm: float
+    lr: float
+    skipped: bool
+
+
+def sample_draws(
+    seeds: torch.Tensor, shape: tuple[int, ...], objective: Any, encoders: tuple[str, ...]
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Per sample, from its own generator: t [B] (scheme, then shift), dropout flags, noise [B, *shape]."""
+    ts, drops, noises = [], [], []
+    for seed in seeds.tolist():
+        g = torch.Generator().manual_seed(int(seed))
+        t = sample_t(
+            1, objective.scheme, generator=g, mean=objective.logit_mean, std=objective.logit_std,
+            scale=objective.mode_scale,
+        )  # fmt: skip
+        ts.append(shift_t(t, objective.shift) if objective.shift != 1.0 else t)
+        drops.append(torch.rand(len(encoders), generator=g))
+        noises.append(torch.randn(shape, generator=g))
+    drop = torch.stack(drops)  # [B, E]
+    p = torch.tensor(
+        [objective.caption_dropout.get(n, objective.caption_dropout.get("all", 0.0)) for n in encoders]
+    )
+    flags = drop < p
+    return torch.cat(ts), torch.stack(noises), {n: flags[:, i] for i, n in enumerate(encoders)}
+
+
+def micro_loss(ctx: Context, batch: dict[str, Any]) -> torch.Tensor:
+    """The fp32 flow-matching loss of one micro-batch."""
+    device = ctx.accelerator.device
+    if "latents" in batch:
+        x0, parts = batch["latents"].to(device).float(), batch["text"]
+    else:
+        with torch.no_grad():
+            x0 = ctx.conditioner.encode_images(batch["pixels"].to(ctx.conditioner.device)).to(device)
+            parts = ctx.conditioner.encode_text(batch["caption"])
+    t, noise, drop = sample_draws(batch["seed"], tuple(x0.shape[1:]), ctx.config.objective, ctx.encoders)
+    parts = {n: {k: v.to(device) for k, v in kinds.items()} for n, kinds in parts.items()}
+    txt, vec = combine(drop_captions(parts, ctx.empty, drop), ctx.layout)
+
+    def velocity(x: torch.Tensor, t: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+        with ctx.accelerator.autocast():
+            return ctx.model(x, t, txt, vec).float()
+
+    weighting = ctx.config.objective.weighting
+    return cfm_loss(
+        velocity, x0, t=t.to(device), noise=noise.to(device), weighting=weighting, txt=txt, vec=vec
+    )
+
+
+def split_micro(batch: dict[str, Any], size: int) -> list[dict[str, Any]]:
+    """A process's step batch -> its micro-batches of ``size`` samples (nested dicts split alike)."""
+    n = len(batch["seed"])
+
+    def part(value: Any, i: int) -> Any:
+        if isinstance(value, dict):
+            return {k: part(v, i) for k, v in value.items()}
+        if isinstance(value, (torch.Tensor, list)) and len(value) == n:
+            return value[i : i + size]
+        return value
+
+    return [{k: part(v, i) for k, v in batch.items() if k != "bad"} for i in range(0, n, size)]
+
+
+def train_step(ctx: Context, batch: dict[str, Any]) -> StepResult:
+    """One optimizer step on this process's share of a step batch (see the module docstring)."""
+    acc, cfg, state = ctx.accelerator, ctx.config, ctx.state
+    micro = split_micro(batch, cfg.data.batch_size)
+    losses = []
+    for i, mb in enumerate(micro):
+        sync = i == len(micro) - 1
+        with contextlib.nullcontext() if sync else acc.no_sync(ctx.model):
+            loss = micro_loss(ctx, mb)
+            acc.backward(loss / len(micro))
+        losses.append(loss.detach())
+    local = torch.stack(losses).mean()
+    flags = torch.stack([local.nan_to_num(0.0), (~torch.isfinite(local)).float()]).to(acc.device)
+    if acc.num_processes > 1:
+        flags = acc.reduce(flags, reduction="sum")
+    mean_loss = float(flags[0]) / acc.num_processes
+    nonfinite = bool(flags[1] > 0)
+    grad_norm = float("nan")
+    if not nonfinite:
+        max_norm = cfg.optimizer.grad_clip or float("inf")
+        grad_norm = float(acc.clip_grad_norm_(ctx.model.parameters(), max_norm))
+        nonfinite = not math.isfinite(grad_norm)
+    lr = ctx.optimizer.param_groups[0]["lr"]
+    if nonfinite:
+        ctx.optimizer.zero_grad(set_to_none=True)
+        state.skipped += 1
+        state.nonfinite_in_row += 1
+        logger.warning(
+            "step %d: non-finite loss or gradient (loss %s, grad norm %s); step skipped (%d in a row)",
+            state.step + 1, float(local), grad_norm, state.nonfinite_in_row,
+        )  # fmt: skip
+        if state.nonfinite_in_row >= cfg.max_nonfinite:
+            raise NonFiniteLossError(
+                f"{state.nonfinite_in_row} steps in a row had a non-finite loss or gradient, the last at "
+                f"step {state.step + 1}; lower optimizer.lr, use bf16 instead of fp16, or check the data"
+            )
+        state.step += 1
+        return StepResult(float("nan"), grad_norm, lr, True)
+    ctx.optimizer.step()
+    if not acc.optimizer_step_was_skipped:  # fp16 loss scaling may skip on overflow
+        ctx.scheduler.step()
+        state.optimizer_steps += 1
+        if ctx.ema is not None and state.optimizer_steps % cfg.ema.every == 0:
+            ctx.ema.update(acc.unwrap_model(ctx.model))
+    ctx.optimizer.zero_grad(set_to_none=True)
+    state.nonfinite_in_row = 0
+    state.step += 1
+    return StepResult(mean_loss, grad_norm, lr, False)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def make_loader(config: TrainConfig, layout: Layout, start_step: int) -> tuple[Any, BadFiles, Any]:
+    """(DataLoader of this process's step batches from ``start_step`` on, bad-file tally, dataset)."""
+    d = config.data
+    loader_kw = {"num_workers": d.num_workers, "persistent_workers": d.num_workers > 0}
+    if d.cache_dir and (Path(d.cache_dir) / "index.json").is_file():
+        dataset: Any = CachedDataset(d.cache_dir)
+        bad = BadFiles(total=len(dataset), max_fraction=d.max_bad_fraction)
+    elif d.cache_dir and not d.path:
+        raise ValueError(
+            f"data.cache_dir {d.cache_dir!r} holds no cache; run `mmdit-flow cache CONFIG` first"
+        )
+    elif d.path:
+        if d.cache_dir:
+            raise ValueError(
+                f"data.cache_dir {d.cache_dir!r} holds no finished cache: run `mmdit-flow cache CONFIG` "
+                "first, or unset data.cache_dir to train from the images"
+            )
+        records, bad = scan_folder(d.path, d)
+        bad.check()
+        dataset = ImageFolderDataset(records, d)
+    else:
+        stream = ShardStream(d.shards, d, layout, config.seed, start_step)
+        bad = BadFiles(total=0, max_fraction=d.max_bad_fraction)
+        return torch.utils.data.DataLoader(stream, batch_size=None, **loader_kw), bad, stream
+    sampler = StepSampler(dataset.groups, layout, config.seed, start_step)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, **loader_kw)
+    return loader, bad, dataset
+
+
+# ------------------------------------------------------------------------------------------ signals
+
+
+class StopRequest:
+    """SIGTERM / Ctrl-C set a flag; the loop saves a checkpoint and exits. A second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        logger.warning("received %s: saving a checkpoint after this step", signal.Signals(signum).name)
+
+    def __enter__(self) -> StopRequest:
+        with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+# ------------------------------------------------------------------------------------- validation, export
+
+
+def validation_grid(model: nn.Module, conditioner: Conditioner, config: TrainConfig, step: int) -> Path:
+    """Images for the fixed prompts (rows) and seeds (columns) as one PNG in <output.dir>/validation/."""
+    import numpy as np
+    from PIL import Image
+
+    o, pipe = config.output, conditioner.pipe
+    was_training, transformer = model.training, pipe.transformer
+    pipe.transformer = model.eval()
+    try:
+        rows = []
+        for prompt in o.validation_prompts:
+            images = pipe(
+                [prompt] * len(o.validation_seeds), seed=list(o.validation_seeds), steps=o.validation_steps,
+                guidance=o.validation_guidance, height=config.data.resolution, width=config.data.resolution,
+                output="np", progress=False, max_sequence_length=config.model.max_sequence_length,
+            )  # fmt: skip
+            rows.append(np.concatenate(list(images), axis=1))  # [H, S * W, 3]
+    finally:
+        pipe.transformer = transformer
+        model.train(was_training)
+    grid = (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
+    path = Path(o.dir) / "validation" / f"step-{step:08d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+    return path
+
+
+def export_final(model: nn.Module, conditioner: Conditioner | None, config: TrainConfig) -> Path:
+    """A diffusers folder in <output.dir>/final (LoRA merged; the LoRA file itself in <output.dir>/lora)."""
+    out = Path(config.output.dir)
+    if config.lora.rank:
+        from mmdit_flow.training.lora import merged_copy, save_lora
+
+        save_lora(model, out / "lora" / "pytorch_lora_weights.safetensors")
+        model = merged_copy(model)
+    if conditioner is None:
+        from mmdit_flow.weights import save_transformer
+
+        return save_transformer(model, out / "final" / "transformer", format="diffusers").parent
+    from mmdit_flow.weights.sd3_keys import config_to_diffusers
+
+    components = conditioner.pipe.components
+    saved = components.transformer, components.transformer_config
+    components.transformer = model
+    components.transformer_config = config_to_diffusers(model.config)
+    try:
+        return conditioner.pipe.save_pretrained(out / "final")
+    finally:
+        components.transformer, components.transformer_config = saved
+
+
+# -------------------------------------------------------------------------------------------------- main
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def train(
+    config: TrainConfig,
+    *,
+    model: nn.Module | None = None,
+    conditioner: Conditioner | None = None,
+    on_step: Callable[[int, StepResult], None] | None = None,
+) -> int:
+    """Train (or resume) as ``config`` says; returns the exit code (0 done, 128 + signal when stopped)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+
+    cfg, out = config, Path(config.output.dir)
+    acc = Accelerator(
+        mixed_precision=cfg.precision.mixed_precision,
+        log_with=list(cfg.output.trackers) or None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    if cfg.precision.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    set_seed(cfg.seed)
+    components = cfg.model.components or cfg.model.pretrained
+    needs_encoders = not cfg.data.cache_dir or cfg.output.validation_every or cfg.output.save_final
+    if conditioner is None and components and needs_encoders:
+        conditioner = Conditioner.from_pretrained(
+            components, device=acc.device, max_sequence_length=cfg.model.max_sequence_length
+        )
+    if conditioner is None and not cfg.data.cache_dir:
+        raise ValueError("training from images needs the VAE and text encoders: set model.components")
+    if cfg.output.validation_every and (conditioner is None or not cfg.output.validation_prompts):
+        raise ValueError("output.validation_every needs model.components and output.validation_prompts")
+
+    model = model if model is not None else build_model(cfg)
+    model = model.float().train()
+    if cfg.lora.rank:
+        from mmdit_flow.training.lora import add_lora
+
+        model = add_lora(model, cfg.lora)
+    ema = EMA(model, cfg.ema.decay) if cfg.ema.decay else None
+    optimizer, scheduler = make_optimizer(model, cfg)
+    model, optimizer = acc.prepare(model, optimizer)
+    state = TrainState()
+    for obj in (state, scheduler, ema):
+        if obj is not None:
+            acc.register_for_checkpointing(obj)
+
+    ckpt_root = out / "checkpoints"
+    resume = latest_checkpoint(ckpt_root)
+    if resume is not None:
+        load_checkpoint(acc, resume)
+        logger.info("resumed from %s at step %d", resume, state.step)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        acc.init_trackers("mmdit-flow", config=_flat(dataclasses.asdict(cfg)))
+
+    layout = Layout(cfg.data.batch_size, acc.num_processes, acc.process_index, cfg.optimizer.grad_accum)
+    loader, bad, dataset = make_loader(cfg, layout, state.step)
+    bad.paths.update(state.bad_files)
+    if isinstance(dataset, CachedDataset):
+        text_layout, encoders, empty = dataset.layout, tuple(dataset.encoders), dataset.empty
+    else:
+        text_layout, encoders = conditioner.layout, conditioner.names
+        empty = conditioner.encode_text([""])
+    empty = {n: {k: v.to(acc.device) for k, v in kinds.items()} for n, kinds in empty.items()}
+    unknown = set(cfg.objective.caption_dropout) - set(encoders) - {"all"}
+    if unknown:
+        raise ValueError(
+            f"objective.caption_dropout names {sorted(unknown)}; the text encoders are {', '.join(encoders)} "
+            "(or 'all')"
+        )
+    ctx = Context(
+        acc, model, optimizer, scheduler, cfg, state, text_layout, encoders, empty, conditioner, ema
+    )
+    code = _loop(ctx, loader, bad, tqdm, on_step)
+    acc.wait_for_everyone()
+    if code == 0 and cfg.output.save_final and acc.is_main_process:
+        unwrapped = acc.unwrap_model(model)
+        with ema.applied(unwrapped) if ema else contextlib.nullcontext():
+            path = export_final(unwrapped, conditioner, cfg)
+        logger.info("saved the trained model to %s", path)
+    acc.end_training()
+    return code
+
+
+def _loop(ctx: Context, loader: Any, bad: BadFiles, tqdm: Any, on_step: Any) -> int:
+    acc, cfg, state, o = ctx.accelerator, ctx.config, ctx.state, ctx.config.output
+    bar = tqdm(
+        total=cfg.schedule.max_steps, initial=state.step, disable=not (acc.is_main_process and o.progress),
+        desc="train", unit="step",
+    )  # fmt: skip
+    images_per_step = cfg.data.batch_size * acc.num_processes * cfg.optimizer.grad_accum
+    batches = iter(loader)
+    with StopRequest() as stop:
+        while state.step < cfg.schedule.max_steps:
+            start = time.perf_counter()
+            batch = next(batches)
+            for path, reason in batch.get("bad", []):
+                bad.add(path, reason)
+            bad.total += int(batch.get("seen", 0))
+            state.bad_files = dict(bad.paths)
+            result = train_step(ctx, batch)
+            speed = images_per_step / (time.perf_counter() - start)
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.loss:.4f}", img_s=f"{speed:.1f}")
+            if state.step % o.log_every == 0 or state.step == cfg.schedule.max_steps:
+                logs = {
+                    "loss": result.loss,
+                    "lr": result.lr,
+                    "grad_norm": result.grad_norm,
+                    "images_per_s": speed,
+                }
+                acc.log(
+                    {**logs, "skipped_steps": state.skipped, "bad_files": len(bad.paths)}, step=state.step
+                )
+            if on_step is not None:
+                on_step(state.step, result)
+            too_many = bool(bad.paths) and bad.fraction > bad.max_fraction
+            flags = torch.tensor([float(stop.signum is not None), float(too_many)])
+            if acc.num_processes > 1:
+                flags = acc.reduce(flags.to(acc.device), reduction="sum").cpu()
+            if flags[1] > 0:
+                save_checkpoint(acc, out_dir(cfg), state.step, keep=o.keep_checkpoints)
+                bad.check()  # raises with the details on the process that saw them
+                raise RuntimeError("another process found too many unreadable images; see its log")
+            if state.step % o.checkpoint_every == 0 or flags[0] > 0:
+                save_checkpoint(acc, out_dir(cfg), state.step, keep=o.keep_checkpoints)
+            if o.validation_every and state.step % o.validation_every == 0 and acc.is_main_process:
+                model = acc.unwrap_model(ctx.model)
+                with ctx.ema.applied(model) if ctx.ema else contextlib.nullcontext():
+                    path = validation_grid(model, ctx.conditioner, cfg, state.step)
+                logger.info("validation grid: %s", path)
+            if flags[0] > 0:
+                bar.close()
+                return 128 + int(stop.signum or signal.SIGTERM)
+    bar.close()
+    if state.step % o.checkpoint_every:
+        save_checkpoint(acc, out_dir(cfg), state.step, keep=o.keep_checkpoints)
+    if bad.paths:
+        logger.warning("%s", bad.summary())
+    return 0
+
+
+def out_dir(config: TrainConfig) -> Path:
+    return Path(config.output.dir) / "checkpoints"
