@@ -210,7 +210,8 @@ def build_cache(
                 "data.cache_dir) to rebuild it"
             )
     out.mkdir(parents=True, exist_ok=True)
-    _save_atomic(_flatten(conditioner.encode_text([""])), out / EMPTY)
+    empty = {n: {k: v[0] for k, v in kinds.items()} for n, kinds in conditioner.encode_text([""]).items()}
+    _save_atomic(_flatten(empty), out / EMPTY)
     dataset = ImageFolderDataset(records, d)
     shards, kept = [], []
     for start in tqdm(range(0, len(records), shard_size), desc="cache", unit="shard", disable=not progress):
