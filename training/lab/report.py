@@ -1,0 +1,118 @@
+"""The lab's tables: ``results.json`` (everything, machine-readable) and ``results.md`` (for people).
+
+Cells are W2 to held-out data (lower is better). A cell written ``0.123 (7)`` used 7 function evaluations
+under a budget of 8 (Heun's last step is an Euler step); a missing cell means the solver cannot run within
+that budget (midpoint needs 2 evaluations, rk4 4).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no inf / nan: store them as null, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _cell(row: dict[str, Any], budget: int) -> str:
+    key = str(budget)
+    if key not in row["w2"]:
+        return ""
+    value = row["w2"][key]
+    text = "diverged" if value is None or not math.isfinite(value) else f"{value:.3f}"
+    used = row["nfe_used"][key]
+    return text if used == budget else f"{text} ({used})"
+
+
+def dataset_markdown(name: str, result: dict[str, Any], nfes: list[int]) -> list[str]:
+    """The section of one data set: W2 vs NFE for every (model, sampler, grid), straightness, targets."""
+    sec = result["seconds"]
+    lines = [
+        f"### {name}",
+        "",
+        f"W2 floor (two independent data samples of the same size): {result['floor_w2']:.3f}. "
+        f"Wall time {sec['total']:.0f} s (training: "
+        + ", ".join(
+            f"{k} {sec[k]:.0f} s" for k in ("1-RF", "couplings", "2-RF", "OT-CFM", "DDPM") if k in sec
+        )
+        + ").",
+        "",
+        "| model | sampler | grid | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+        "|---|---|---|" + "---:|" * len(nfes),
+    ]
+    for row in result["rows"]:
+        cells = " | ".join(_cell(row, n) for n in nfes)
+        lines.append(f"| {row['model']} | {row['sampler']} | {row['grid'] or 'trailing'} | {cells} |")
+    straight = ", ".join(f"{m} {v:.4f}" for m, v in result["straightness"].items())
+    lines += ["", f"Straightness (Liu et al. 2022; 0 = straight): {straight}.", ""]
+    for check in result["targets"].values():
+        mark = "met" if check["met"] else "MISSED"
+        lines.append(f"- {check['rule']}: {check['value']:.3f} vs {check['threshold']:.3f}: **{mark}**")
+    lines.append("")
+    return lines
+
+
+def summary_markdown(results: dict[str, Any]) -> list[str]:
+    """One line per data set with the numbers the targets compare."""
+    lines = [
+        "| data set | 1-RF euler@1 | 2-RF euler@1 | OT-CFM euler@1 | 1-RF euler@8 | 1-RF rk4@8 | DDIM@8 "
+        "| DDPM@100 | 1-RF euler@100 | straightness 1-RF / 2-RF / OT | targets met |",
+        "|---|" + "---:|" * 9 + "---|",
+    ]
+    for name, res in results["datasets"].items():
+        w = {(r["model"], r["sampler"], r["grid"]): r["w2"] for r in res["rows"]}
+
+        def get(model: str, sampler: str, n: int, grid: str | None = "linear", w=w) -> str:
+            value = w.get((model, sampler, grid), {}).get(str(n))
+            return "" if value is None else f"{value:.3f}"
+
+        top = max(results["config"]["nfes"])
+        s = res["straightness"]
+        met = sum(t["met"] for t in res["targets"].values())
+        lines.append(
+            f"| {name} | {get('1-RF', 'euler', 1)} | {get('2-RF', 'euler', 1)} | {get('OT-CFM', 'euler', 1)} "
+            f"| {get('1-RF', 'euler', 8)} | {get('1-RF', 'rk4', 8)} | {get('DDPM', 'ddim', 8, None)} "
+            f"| {get('DDPM', 'ddpm', top, None)} | {get('1-RF', 'euler', top)} "
+            f"| {s['1-RF']:.3f} / {s['2-RF']:.3f} / {s['OT-CFM']:.3f} | {met}/{len(res['targets'])} |"
+        )
+    return lines
+
+
+def write(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    """Write ``results.json`` and ``results.md`` into ``out``; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / "results.json", out / "results.md"
+    json_path.write_text(json.dumps(_finite(results), indent=1, allow_nan=False) + "\n")
+    nfes = list(results["config"]["nfes"])
+    lines = [
+        "# 2-D lab results",
+        "",
+        f"Command: `{results['command']}`. Seed {results['config']['seed']}, "
+        f"total wall time {results['seconds']:.0f} s, torch threads {results['threads']}.",
+        "",
+        "Quality is the exact W2 distance (POT `ot.emd2`, squared-Euclidean cost, uniform weights) between "
+        f"{results['config']['n_test']} samples and as many held-out data points; lower is better. "
+        "NFE = network evaluations, counted. Flow models use the linear grid unless the grid column says "
+        "`scheduler`; diffusion samplers are diffusers' DDIM (eta 0) and DDPM, trailing timestep spacing.",
+        "",
+        "## Summary",
+        "",
+        *summary_markdown(results),
+        "",
+        "## Per data set",
+        "",
+    ]
+    for name, res in results["datasets"].items():
+        lines += dataset_markdown(name, res, nfes)
+    md_path.write_text("\n".join(lines) + "\n")
+    return json_path, md_path
