@@ -1,0 +1,72 @@
+"""Two CPU processes (gloo DDP through accelerate): ranks end identical and equal the one-process run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+from mmdit_flow.training.config import save_config
+from mmdit_flow.training.trainer import train
+from safetensors.torch import load_file
+
+from tests.train_helpers import make_cache, tiny_config, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    from safetensors.torch import save_file
+    from mmdit_flow.training.config import load_config
+    from mmdit_flow.training.trainer import train
+    from tests.train_helpers import tiny_model
+
+    config = load_config(sys.argv[1])
+    model = tiny_model(0)
+    code = train(config, model=model)
+    rank = os.environ["RANK"]
+    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, f"{config.output.dir}/rank{rank}.st")
+    sys.exit(code)
+    """
+)
+# AdamW with a large eps steps linearly in the gradient (see test_train_loop), so summation-order rounding
+# stays rounding-sized instead of becoming lr-sized
+SGD_LIKE = {"lr": 10.0, "eps": 1000.0, "weight_decay": 0.0}
+
+
+def test_two_processes_match_one(tmp_path):
+    cache = make_cache(tmp_path / "cache", n=16)
+    common = {"schedule": {"max_steps": 3}, "optimizer": SGD_LIKE}
+    two = tiny_config(
+        cache, tmp_path / "two", data={"batch_size": 2}, output={"checkpoint_every": 2}, **common
+    )
+    (tmp_path / "two").mkdir()
+    save_config(two, tmp_path / "two.yaml")
+    (tmp_path / "run.py").write_text(SCRIPT)
+    # accelerate's own CPU multi-process launch needs mpirun; torchrun + ACCELERATE_USE_CPU gives the same
+    # MULTI_CPU (gloo) state that `accelerate launch --multi_gpu` gives on GPUs
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(tmp_path / "run.py"), str(tmp_path / "two.yaml")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [load_file(str(tmp_path / "two" / f"rank{r}.st")) for r in range(2)]
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+    ckpts = sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir())
+    assert ckpts == ["step-00000002", "step-00000003"]  # saving on both ranks did not deadlock
+    saved = {p.name for p in (tmp_path / "two/checkpoints/step-00000003").iterdir()}
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= saved
+
+    model = tiny_model(0)
+    one = tiny_config(cache, tmp_path / "one", data={"batch_size": 4}, **common)
+    assert train(one, model=model) == 0
+    moved = False
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(ranks[0][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        moved |= bool((value - tiny_model(0).state_dict()[name]).abs().max() > 1e-3)  # >> the tolerance
+    assert moved
