@@ -210,3 +210,18 @@ def test_webdataset_shards(tmp_path):
     resumed = ShardStream(data.shards, data, Layout(batch_size=2), seed=0, start_step=2)
     first = next(iter(resumed))
     assert first["caption"] == steps[2][1]["caption"] and torch.equal(first["pixels"], steps[2][1]["pixels"])
+
+
+def test_run_stops_before_training_when_too_many_files_are_bad(tmp_path):
+    from mmdit_flow.training.config import config_from_dict
+    from mmdit_flow.training.trainer import make_loader
+
+    data = _folder(tmp_path, n_good=2)  # 3 unreadable headers of 6 files
+    cfg = config_from_dict(
+        {"model": {"preset": "sd3_medium"}, "data": {**vars(data), "max_bad_fraction": 0.4}}
+    )
+    with pytest.raises(TooManyBadFiles, match=r"3 of 6 images \(50.0%\)"):
+        make_loader(cfg, Layout(batch_size=1), 0)
+    cfg.data.max_bad_fraction = 0.5
+    loader, bad, _ = make_loader(cfg, Layout(batch_size=1), 0)
+    assert len(bad.paths) == 3 and next(iter(loader))["pixels"].shape == (1, 3, 64, 64)
