@@ -22,10 +22,10 @@ from mmdit_flow.models.layers import MLP, Modulation, RMSNorm, layer_norm, modul
 
 
 class Rope(NamedTuple):
-    """Rotary tables, fp32 [L, Dh / 2, 2] each: ``cos_sin`` = (cos, sin), ``msin_cos`` = (-sin, cos)."""
+    """Rotary tables, fp32 [L, Dh]: ``cos`` = (cos_i, cos_i), ``sin`` = (-sin_i, sin_i) for channel pair i."""
 
-    cos_sin: torch.Tensor
-    msin_cos: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
 
 
 def rope(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: float = 10000.0) -> Rope:
@@ -41,17 +41,17 @@ def rope(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: float = 10000.0) -
         angles.append(ids[:, a].to(dtype)[:, None] * omega[None])  # [L, dim / 2]
     angle = torch.cat(angles, dim=-1)  # [L, Dh / 2]
     cos, sin = angle.cos().float(), angle.sin().float()
-    return Rope(torch.stack([cos, sin], dim=-1), torch.stack([-sin, cos], dim=-1))
+    return Rope(torch.stack([cos, cos], dim=-1).flatten(-2), torch.stack([-sin, sin], dim=-1).flatten(-2))
 
 
 def apply_rope(x: torch.Tensor, pe: Rope) -> torch.Tensor:
-    """Rotate channel pairs (x_2i, x_2i+1) of x [B, H, L, Dh] by the angles of ``pe``, in fp32.
+    """Rotate channel pairs (x_2i, x_2i+1) of x [B, H, L, Dh] by the angles of ``pe``, in fp32:
 
-    (x_2i, x_2i+1) -> (x_2i cos - x_2i+1 sin, x_2i sin + x_2i+1 cos) = x_2i (cos, sin) + x_2i+1 (-sin, cos).
+    (x_2i, x_2i+1) -> (x_2i cos - x_2i+1 sin, x_2i+1 cos + x_2i sin) = x * cos + swap_pairs(x) * (-sin, sin).
     """
     pairs = x.float().unflatten(-1, (-1, 2))  # [B, H, L, Dh / 2, 2]
-    out = torch.addcmul(pe.cos_sin * pairs[..., :1], pe.msin_cos, pairs[..., 1:])
-    return out.flatten(-2).to(x.dtype)  # [B, H, L, Dh]
+    swapped = torch.stack([pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)  # [B, H, L, Dh]
+    return torch.addcmul(pairs.flatten(-2) * pe.cos, swapped, pe.sin).to(x.dtype)
 
 
 class QKNorm(nn.Module):
@@ -84,10 +84,10 @@ class SelfAttention(nn.Module):
 
 
 def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[B, L, 3 * H * Dh] -> q, k, v [B, H, L, Dh] (views, no copy)."""
+    """[B, L, 3 * H * Dh] -> q, k, v [B, H, L, Dh], views; one unbind keeps the backward to one stack."""
     B, L, _ = qkv.shape
-    qkv = qkv.view(B, L, 3, num_heads, -1).permute(2, 0, 3, 1, 4)  # [3, B, H, L, Dh]
-    return qkv[0], qkv[1], qkv[2]
+    q, k, v = qkv.view(B, L, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, L, Dh]
+    return q, k, v
 
 
 def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe: Rope, backend: str) -> torch.Tensor:
