@@ -151,3 +151,24 @@ def test_lr_schedule_counts_optimizer_steps():
     assert [round(lr_factor(i, s), 4) for i in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.55, 0.1]
     c = ScheduleConfig(max_steps=4, lr_schedule="cosine")
     assert [round(lr_factor(i, c), 4) for i in range(5)] == [1.0, 0.8536, 0.5, 0.1464, 0.0]
+
+
+def test_lora_run_trains_only_adapters_and_exports(tmp_path):
+    from mmdit_flow.weights import load_transformer
+    from safetensors.torch import load_file
+
+    cache = make_cache(tmp_path / "cache")
+    cfg = tiny_config(
+        cache, tmp_path / "run", lora={"rank": 2, "target_modules": ["attn.qkv", "mlp.fc1"]},
+        output={"save_final": True}, schedule={"max_steps": 2},
+    )  # fmt: skip
+    model = tiny_model(0)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    assert train(cfg, model=model) == 0
+    lora = load_file(str(tmp_path / "run/lora/pytorch_lora_weights.safetensors"))
+    assert "transformer.transformer_blocks.0.attn.to_k.lora_B.weight" in lora
+    assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k)  # B moved away from its zero init
+    final = load_transformer(tmp_path / "run/final/transformer")
+    for name, value in final.state_dict().items():
+        changed = not torch.equal(value, base[name])
+        assert changed == (name.endswith(("attn.qkv.weight", "mlp.fc1.weight"))), name  # merged LoRA only
