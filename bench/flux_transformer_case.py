@@ -49,13 +49,13 @@ SIZES: dict[str, tuple[FluxConfig, dict[str, int]]] = {
 
 @dataclass
 class Case:
-    """Two models with the same weights and a zero-argument call for each that returns v [B, C, H, W]."""
+    """Ours and diffusers' model (``theirs``), same weights, and a zero-argument call for each returning v."""
 
     config: FluxConfig
     ours: FluxTransformer
-    diffusers: nn.Module
+    theirs: nn.Module  # diffusers
     run_ours: Callable[[], torch.Tensor]
-    run_diffusers: Callable[[], torch.Tensor]
+    run_theirs: Callable[[], torch.Tensor]
     flops: float  # multiply-adds x 2 of one forward (matmuls and attention only)
 
 
@@ -108,7 +108,7 @@ def build_case(
     def run_ours() -> torch.Tensor:
         return ours(x, t, txt, vec, guidance)
 
-    def run_diffusers() -> torch.Tensor:
+    def run_theirs() -> torch.Tensor:
         out = theirs(
             hidden_states=FluxPipeline._pack_latents(x, B, config.in_channels, H, W),
             encoder_hidden_states=txt,
@@ -121,7 +121,7 @@ def build_case(
         return unpack(out, H, W)
 
     flops = forward_flops(config, B, (H // 2) * (W // 2), L)
-    return Case(config, ours, theirs, run_ours, run_diffusers, flops)
+    return Case(config, ours, theirs, run_ours, run_theirs, flops)
 
 
 def _time(fn: Callable[[], object]) -> float:
@@ -166,25 +166,25 @@ def main() -> None:
 
     case = build_case(args.size)
     with torch.no_grad():
-        ref, got = case.run_diffusers(), case.run_ours()
+        ref, got = case.run_theirs(), case.run_ours()
     error = ((got - ref).abs().max() / ref.abs().max()).item()
     print(f"flux {args.size}: {case.flops / 1e9:.1f} GFLOP per forward, max relative difference {error:.1e}")
 
     for mode in ("forward", "forward+backward"):
         if mode == "forward":
-            fns = {"ours": case.run_ours, "diffusers": case.run_diffusers}
+            fns = {"ours": case.run_ours, "diffusers": case.run_theirs}
         else:
             fns = {
                 "ours": _forward_backward(case.ours, case.run_ours),
-                "diffusers": _forward_backward(case.diffusers, case.run_diffusers),
+                "diffusers": _forward_backward(case.theirs, case.run_theirs),
             }
         times: dict[str, list[float]] = {name: [] for name in fns}
         with torch.set_grad_enabled(mode != "forward"):
             for fn in fns.values():  # warm-up
                 fn()
-            for _ in range(args.repeats):  # interleaved, so that machine noise hits both alike
-                for name, fn in fns.items():
-                    times[name].append(_time(fn))
+            for i in range(args.repeats):  # interleaved, alternating who goes first, so noise hits both alike
+                for name in list(fns)[:: 1 if i % 2 == 0 else -1]:
+                    times[name].append(_time(fns[name]))
         ours_s, theirs_s = statistics.median(times["ours"]), statistics.median(times["diffusers"])
         print(
             f"  {mode:17s} ours {ours_s * 1e3:8.1f} ms   diffusers {theirs_s * 1e3:8.1f} ms   "
@@ -192,7 +192,7 @@ def main() -> None:
         )
 
     ours_mem = saved_activation_bytes(case.run_ours, list(case.ours.parameters()))
-    theirs_mem = saved_activation_bytes(case.run_diffusers, list(case.diffusers.parameters()))
+    theirs_mem = saved_activation_bytes(case.run_theirs, list(case.theirs.parameters()))
     print(
         f"  saved activations ours {ours_mem / 2**20:.1f} MiB   diffusers {theirs_mem / 2**20:.1f} MiB   "
         f"ratio {ours_mem / theirs_mem:.2f}"
