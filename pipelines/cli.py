@@ -15,6 +15,7 @@ from collections.abc import Sequence
 COMMANDS = {
     "generate": "mmdit_flow.pipelines.generate_cli",
     "train": "mmdit_flow.training.cli",
+    "cache": "mmdit_flow.training.cache",
     "convert": "mmdit_flow.weights.cli",
     "lab": "mmdit_flow.training.lab.cli",
     "eval": "mmdit_flow.training.eval_cli",
