@@ -7,6 +7,7 @@ square position table), ``D`` the hidden size. Tokens are in row-major (h, w) or
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -40,15 +41,23 @@ def crop_table(table: torch.Tensor, max_size: int, h: int, w: int) -> torch.Tens
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping p x p patches -> tokens: x [B, C, H, W] -> [B, (H / p) * (W / p), D]."""
+    """Non-overlapping p x p patches -> tokens: x [B, C, H, W] -> [B, (H / p) * (W / p), D].
+
+    The weight is a stride-p convolution's ([D, C, p, p], as checkpoints store it), applied as one GEMM over
+    the unfolded patches: the same numbers, with tokens contiguous in (h, w) order and no transposed copy.
+    """
 
     def __init__(self, in_channels: int, dim: int, patch_size: int):
         super().__init__()
+        self.patch_size = patch_size
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x)  # [B, D, h, w]
-        return x.flatten(2).transpose(1, 2)  # [B, h * w, D]
+        B, C, H, W = x.shape
+        p, h, w = self.patch_size, H // self.patch_size, W // self.patch_size
+        patches = x.view(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5)  # [B, h, w, C, p, p]
+        patches = patches.reshape(B, h * w, C * p * p)
+        return F.linear(patches, self.proj.weight.view(self.proj.out_channels, -1), self.proj.bias)
 
 
 def unpatchify(x: torch.Tensor, h: int, w: int, patch_size: int) -> torch.Tensor:

@@ -114,7 +114,8 @@ class SelfAttention(nn.Module):
         qkv = self.qkv(x).view(B, L, 3, self.num_heads, D // self.num_heads)  # [B, L, 3, H, Dh]
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, Dh]
         if self.norm_q is not None:
-            q, k = self.norm_q(q), self.norm_k(k)
+            # normalise copies: the norms' backward then keeps these, not the whole qkv output with v
+            q, k = self.norm_q(q.contiguous()), self.norm_k(k.contiguous())
         return q, k, v
 
 
@@ -138,9 +139,9 @@ class Stream(nn.Module):
     def post_attention(
         self, x: torch.Tensor, attn: torch.Tensor, mod: tuple[torch.Tensor, ...], backend: str
     ) -> torch.Tensor:
-        """x + gate_a * proj(attn); then x + gate_m * mlp(modulate(norm(x)))."""
+        """x + gate_a * attn (projected); then x + gate_m * mlp(modulate(norm(x)))."""
         _, _, gate_a, shift_m, scale_m, gate_m = mod[:6]
-        x = torch.addcmul(x, gate_a, self.attn.proj(attn))
+        x = torch.addcmul(x, gate_a, attn)
         return torch.addcmul(x, gate_m, self.mlp(modulate(layer_norm(x), shift_m, scale_m)))
 
 
@@ -168,7 +169,7 @@ class DualStream(Stream):
         _, _, gate_a, shift_m, scale_m, gate_m, shift_2, scale_2, gate_2, x_norm = mod
         q, k, v = self.attn2.qkv_heads(modulate(x_norm, shift_2, scale_2))
         attn2 = self.attn2.proj(attention(q, k, v, backend))
-        x = torch.addcmul(x, gate_a, self.attn.proj(attn))
+        x = torch.addcmul(x, gate_a, attn)
         x = torch.addcmul(x, gate_2, attn2)
         return torch.addcmul(x, gate_m, self.mlp(modulate(layer_norm(x), shift_m, scale_m)))
 
@@ -197,17 +198,26 @@ class JointBlock(nn.Module):
     def forward(
         self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, backend: str
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        (img_q, img_k, img_v), img_mod = self.img.pre_attention(img, vec)
-        (txt_q, txt_k, txt_v), txt_mod = self.txt.pre_attention(txt, vec)
-        q = torch.cat([img_q, txt_q], dim=2)  # [B, H, Li + Lt, Dh]
-        k = torch.cat([img_k, txt_k], dim=2)
-        v = torch.cat([img_v, txt_v], dim=2)
-        attn = attention(q, k, v, backend)  # [B, Li + Lt, D]
-        n_img = img.shape[1]
-        img = self.img.post_attention(img, attn[:, :n_img], img_mod, backend)
+        img_attn, txt_attn, img_mod, txt_mod = self.joint_attention(img, txt, vec, backend)
+        img = self.img.post_attention(img, img_attn, img_mod, backend)
         if txt_mod is None:
             return img, None
-        return img, self.txt.post_attention(txt, attn[:, n_img:], txt_mod, backend)
+        return img, self.txt.post_attention(txt, txt_attn, txt_mod, backend)
+
+    def joint_attention(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, backend: str):
+        """Attention over [img, txt], projected per stream; returns both outputs and both modulations.
+
+        Its own function so that q, k, v and the joint output are freed before the MLPs run.
+        """
+        img_qkv, img_mod = self.img.pre_attention(img, vec)
+        txt_qkv, txt_mod = self.txt.pre_attention(txt, vec)
+        q, k, v = (
+            torch.cat(pair, dim=2) for pair in zip(img_qkv, txt_qkv, strict=True)
+        )  # [B, H, Li + Lt, Dh]
+        out = attention(q, k, v, backend)  # [B, Li + Lt, D]
+        n_img = img.shape[1]
+        txt_attn = None if txt_mod is None else self.txt.attn.proj(out[:, n_img:])
+        return self.img.attn.proj(out[:, :n_img]), txt_attn, img_mod, txt_mod
 
 
 class FinalLayer(nn.Module):
