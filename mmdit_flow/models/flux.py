@@ -103,9 +103,8 @@ def pack(x: torch.Tensor) -> torch.Tensor:
 def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Inverse of ``pack``: [B, (H / 2) (W / 2), 4 C] -> [B, C, H, W]."""
     B, _, n = tokens.shape
-    x = tokens.view(B, height // 2, width // 2, n // 4, 2, 2).permute(
-        0, 3, 1, 4, 2, 5
-    )  # [B, C, H/2, 2, W/2, 2]
+    x = tokens.view(B, height // 2, width // 2, n // 4, 2, 2)  # [B, H / 2, W / 2, C, 2, 2]
+    x = x.permute(0, 3, 1, 4, 2, 5)  # [B, C, H / 2, 2, W / 2, 2]
     return x.reshape(B, n // 4, height, width)
 
 

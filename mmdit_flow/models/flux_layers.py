@@ -49,9 +49,10 @@ def apply_rope(x: torch.Tensor, pe: Rope) -> torch.Tensor:
 
     (x_2i, x_2i+1) -> (x_2i cos - x_2i+1 sin, x_2i+1 cos + x_2i sin) = x * cos + swap_pairs(x) * (-sin, sin).
     """
-    pairs = x.float().unflatten(-1, (-1, 2))  # [B, H, L, Dh / 2, 2]
+    x32 = x.float()
+    pairs = x32.unflatten(-1, (-1, 2))  # [B, H, L, Dh / 2, 2]
     swapped = torch.stack([pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)  # [B, H, L, Dh]
-    return torch.addcmul(pairs.flatten(-2) * pe.cos, swapped, pe.sin).to(x.dtype)
+    return torch.addcmul(x32 * pe.cos, swapped, pe.sin).to(x.dtype)
 
 
 class QKNorm(nn.Module):
