@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # GPU benchmark (ready for an H200): ours vs diffusers, SD3-medium-shaped transformer at 1024^2 in bf16,
 # eager and torch.compile, ms per forward and achieved TFLOP/s against the 989 TFLOP/s dense bf16 peak.
-# A few minutes on one GPU. Results go to $OUT (or ./bench-results) as JSON plus this log.
+# A few minutes on one GPU. Results go to $OUT (or /tmp/mmdit-flow-bench) as JSON plus this log.
 #
 #   bash bench/gpu.sh              # full run (needs CUDA)
 #   bash bench/gpu.sh --smoke      # CPU, fp32, tiny: checks that the scripts run
 #   bash bench/gpu.sh --depth 12   # extra arguments go to bench/gpu_bench.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-bench-results}"
+OUT="${OUT:-/tmp/mmdit-flow-bench}"
 mkdir -p "$OUT"
 export OUT
 {
