@@ -108,23 +108,34 @@ def paths(trajs: dict[str, torch.Tensor], path: Path, *, title: str, count: int 
 
 
 def quality_vs_nfe(rows: list[dict[str, Any]], floor: float, path: Path, *, title: str) -> Path:
-    """W2 to held-out data against function evaluations (log axes), one line per (model, sampler, grid)."""
+    """W2 against function evaluations (log axes): solvers on 1-RF; models with Euler vs diffusion."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for row in rows:
-        pts = [(int(n), w) for n, w in row["w2"].items() if w is not None and math.isfinite(w)]
-        if not pts:
-            continue
-        style = "--" if row["model"] == "DDPM" else "-"
-        ax.plot(*zip(*pts, strict=True), style, marker="o", markersize=3, label=row["label"], linewidth=1.2)
-    ax.axhline(floor, color="k", linestyle=":", linewidth=1, label="data vs data (floor)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("function evaluations (NFE)")
-    ax.set_ylabel("W2 to held-out data")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=6, ncol=2)
-    ax.grid(True, which="both", alpha=0.3)
+    panels = {
+        "solvers on 1-rectified flow": [r for r in rows if r["model"] == "1-RF"],
+        "models (Euler, linear grid) vs diffusion": [
+            r for r in rows if (r["sampler"] == "euler" and r["grid"] == "linear") or r["model"] == "DDPM"
+        ],
+    }
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, (name, chosen) in zip(axes, panels.items(), strict=True):
+        for row in chosen:
+            pts = [(int(n), w) for n, w in row["w2"].items() if w is not None and math.isfinite(w)]
+            style = "--" if row["model"] == "DDPM" or row["grid"] == "scheduler" else "-"
+            ax.plot(
+                *zip(*pts, strict=True), style, marker="o", markersize=3, label=row["label"], linewidth=1.2
+            )
+        ax.axhline(floor, color="k", linestyle=":", linewidth=1, label="data vs data (floor)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ticks = sorted({int(n) for row in rows for n in row["w2"]})
+        ax.set_xticks(ticks, [str(n) for n in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("function evaluations (NFE)")
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("W2 to held-out data")
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 
