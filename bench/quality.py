@@ -1,0 +1,158 @@
+"""Generation quality of a captioned-shapes model, measured by the classical evaluator.
+
+Images are generated from captions of the held-out split (every scene holds a colour-shape pair that never
+occurs in training) and scored by ``mmdit_flow.training.evaluator`` against their captions: the overall
+attribute accuracy (share of all stated attributes that hold) and the share of images with every attribute
+right. Reported:
+
+* the headline: ``--steps`` Euler steps with classifier-free guidance ``--guidance``, per attribute;
+* accuracy against the number of steps (at ``--guidance``) and against the guidance scale (at ``--steps``);
+* the same headline on training-split captions (the first images the model was trained on);
+* two references: the evaluator on the ground-truth renders of the same captions (its ceiling) and on
+  mismatched captions (chance).
+
+Every image has its own seed (``--seed + i``), so rows differ only by the setting they name.
+
+    python bench/quality.py                                # the shipped weights/tiny-shapes/, 200 captions
+    python bench/quality.py --model runs/tiny-shapes/final --n 100 --json out.json
+
+Markdown tables go to stdout (docs/quality.md holds a run); ``--json`` also writes every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def generate(
+    pipe, cond, uncond, steps: int, guidance: float, seeds: list[int], batch: int
+) -> list[np.ndarray]:
+    """uint8 images [H, W, 3] for precomputed prompt embeddings, ``batch`` prompts per pipeline call."""
+    images = []
+    for s in range(0, len(seeds), batch):
+        part = slice(s, s + batch)
+        kw = {}
+        if guidance > 1:
+            kw = {
+                "negative_prompt_embeds": uncond.txt[part],
+                "negative_pooled_prompt_embeds": uncond.vec[part],
+            }
+        out = pipe(
+            prompt_embeds=cond.txt[part],
+            pooled_prompt_embeds=cond.vec[part],
+            steps=steps,
+            guidance=guidance,
+            seed=seeds[part],
+            output="np",
+            progress=False,
+            **kw,
+        )
+        images.extend(list((np.clip(out, 0, 1) * 255).round().astype(np.uint8)))
+    return images
+
+
+def row(result, **setting) -> dict:
+    return {**setting, "overall": result.overall, "all_correct": result.all_correct, "n": result.n_images}
+
+
+def main() -> None:
+    from mmdit_flow.pipelines import TextToImagePipeline
+    from mmdit_flow.pipelines.text import PromptEmbeds
+    from mmdit_flow.training import evaluator, shapes
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", default=None, help="diffusers SD3 folder (default: the shipped tiny-shapes)"
+    )
+    parser.add_argument("--n", type=int, default=200, help="held-out captions")
+    parser.add_argument("--n-train", type=int, default=100, help="training-split captions")
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--steps-list", default="1,2,4,8,16,28")
+    parser.add_argument("--guidance-list", default="1,2,4,7")
+    parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (pipeline default)")
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+
+    pipe = TextToImagePipeline.from_pretrained(args.model, device="cpu", dtype=torch.float32)
+    held = shapes.heldout_scenes(args.n)
+    train = shapes.train_scenes(args.n_train)
+    sets = {"heldout": held, "train": train}
+    captions = {k: [shapes.caption(s) for s in v] for k, v in sets.items()}
+    embeds = {k: pipe.encode_prompt(v, args.max_sequence_length) for k, v in captions.items()}
+    empty = pipe.encode_prompt([""], args.max_sequence_length)
+    uncond = {
+        k: PromptEmbeds(empty.txt.expand(len(v), -1, -1), empty.vec.expand(len(v), -1))
+        for k, v in captions.items()
+    }
+    seeds = {k: [args.seed + i for i in range(len(v))] for k, v in captions.items()}
+    cache: dict[tuple, object] = {}
+
+    def accuracy(split: str, steps: int, guidance: float):
+        key = (split, steps, guidance)
+        if key not in cache:
+            images = generate(pipe, embeds[split], uncond[split], steps, guidance, seeds[split], args.batch)
+            cache[key] = evaluator.evaluate(images, captions[split])
+        return cache[key]
+
+    report: dict = {"model": str(args.model or "weights/tiny-shapes"), "n": args.n, "n_train": args.n_train}
+    report["reference"] = {
+        "ground_truth_renders": evaluator.evaluate(
+            [shapes.render(s) for s in held], captions["heldout"]
+        ).overall,
+        "chance": evaluator.chance_level(held).overall,
+    }
+    head = accuracy("heldout", args.steps, args.guidance)
+    report["headline"] = row(head, steps=args.steps, guidance=args.guidance)
+    report["per_attribute"] = head.per_attribute
+    report["vs_steps"] = [
+        row(accuracy("heldout", s, args.guidance), steps=s, guidance=args.guidance)
+        for s in map(int, args.steps_list.split(","))
+    ]
+    report["vs_guidance"] = [
+        row(accuracy("heldout", args.steps, g), steps=args.steps, guidance=g)
+        for g in map(float, args.guidance_list.split(","))
+    ]
+    report["train_split"] = row(
+        accuracy("train", args.steps, args.guidance), steps=args.steps, guidance=args.guidance
+    )
+    report["seconds"] = time.perf_counter() - start
+
+    pct = "{:.1%}".format
+    print(f"model {report['model']}: {args.n} held-out captions, {args.n_train} training captions\n")
+    print("| captions | steps | guidance | overall attribute accuracy | all attributes right |")
+    print("|---|---|---|---|---|")
+    for name, r in (("held-out", report["headline"]), ("training split", report["train_split"])):
+        print(
+            f"| {name} | {r['steps']} | {r['guidance']:g} | {pct(r['overall'])} | {pct(r['all_correct'])} |"
+        )
+    ref = report["reference"]
+    print(f"| held-out, ground-truth renders | - | - | {pct(ref['ground_truth_renders'])} | - |")
+    print(f"| held-out, mismatched captions (chance) | - | - | {pct(ref['chance'])} | - |\n")
+    print("| attribute | " + " | ".join(head.per_attribute) + " |")
+    print("|---|" + "---|" * len(head.per_attribute))
+    print("| accuracy | " + " | ".join(pct(v) for v in head.per_attribute.values()) + " |\n")
+    for title, key, col in (("steps", "vs_steps", "steps"), ("guidance", "vs_guidance", "guidance")):
+        rows = report[key]
+        print(f"| {title} | " + " | ".join(f"{r[col]:g}" for r in rows) + " |")
+        print("|---|" + "---|" * len(rows))
+        print("| overall | " + " | ".join(pct(r["overall"]) for r in rows) + " |")
+        print("| all right | " + " | ".join(pct(r["all_correct"]) for r in rows) + " |\n")
+    print(f"wall time {report['seconds']:.0f} s ({args.threads} threads)")
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
