@@ -100,16 +100,16 @@ def test_position_table_and_crop_equal_diffusers():
         assert torch.equal(crop_table(table[None], 16, h, w), ref)
 
 
-def test_attn_backends_agree():
+def test_attention_backends_agree():
     model = tiny_model(qk_norm="rms_norm", dual_attention_layers=(1,)).eval()
     x, t, txt, vec = inputs(model.config)
     with torch.no_grad():
         sdpa = model(x, t, txt, vec)
-        model.attn_backend = "reference"
+        model.attention_backend = "reference"
         reference = model(x, t, txt, vec)
     assert rel_err(sdpa, reference) < 1e-5
     with pytest.raises(ValueError, match="sdpa"):
-        model.attn_backend = "flash"
+        model.attention_backend = "flash"
 
 
 def test_gradient_checkpointing_same_loss_and_gradients():

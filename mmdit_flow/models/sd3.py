@@ -237,13 +237,13 @@ class SD3Transformer(nn.Module):
     """SD3 / SD3.5 MMDiT: ``model(x, t, txt, vec) -> v``, the velocity for latents ``x`` at flow time ``t``.
 
     Set ``model.gradient_checkpointing = True`` to recompute each block in the backward pass, and
-    ``model.attn_backend`` to one of ``mmdit_flow.attention.BACKENDS``.
+    ``model.attention_backend`` to one of ``mmdit_flow.attention.BACKENDS``.
     """
 
-    def __init__(self, config: SD3Config, *, attn_backend: str = "sdpa"):
+    def __init__(self, config: SD3Config, *, attention_backend: str = "sdpa"):
         super().__init__()
         self.config = c = config
-        self.attn_backend = attn_backend
+        self.attention_backend = attention_backend
         self.gradient_checkpointing = False
         D = c.hidden_size
         self.x_embedder = PatchEmbed(c.in_channels, D, c.patch_size)
@@ -262,12 +262,12 @@ class SD3Transformer(nn.Module):
         self.initialize_weights()
 
     @property
-    def attn_backend(self) -> str:
-        return self._attn_backend
+    def attention_backend(self) -> str:
+        return self._attention_backend
 
-    @attn_backend.setter
-    def attn_backend(self, backend: str) -> None:
-        self._attn_backend = check_backend(backend)
+    @attention_backend.setter
+    def attention_backend(self, backend: str) -> None:
+        self._attention_backend = check_backend(backend)
 
     def initialize_weights(self) -> None:
         """DiT init: Xavier-uniform linears with zero bias, N(0, 0.02) timestep MLP, and adaLN-Zero (every
@@ -335,8 +335,8 @@ class SD3Transformer(nn.Module):
         txt = self.context_embedder(txt)  # [B, L, D]
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                img, txt = checkpoint(block, img, txt, vec, self.attn_backend, use_reentrant=False)
+                img, txt = checkpoint(block, img, txt, vec, self.attention_backend, use_reentrant=False)
             else:
-                img, txt = block(img, txt, vec, self.attn_backend)
+                img, txt = block(img, txt, vec, self.attention_backend)
         img = self.final(img, vec)  # [B, h * w, p * p * C_out]
         return unpatchify(img, h, w, c.patch_size).to(out_dtype)
