@@ -2,7 +2,7 @@
 
     python bench/transformer.py                      # SD3, sizes tiny and small, 7 repeats
     python bench/transformer.py --sizes small --repeats 11 --threads 2
-    python bench/transformer.py --family flux        # filled in once a Flux case is registered below
+    python bench/transformer.py --family flux        # Flux: the sizes of bench/flux_transformer_case.py
 
 Both models hold the same random weights (ours loaded from diffusers' state dict through the key map) and get
 the same inputs; outputs are checked equal before timing. Times are medians over ``--repeats`` runs, with ours
@@ -26,8 +26,14 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # the sibling bench modules, also when imported
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flux_transformer_case import SIZES as FLUX_SIZES  # noqa: E402
+from flux_transformer_case import build_case  # noqa: E402
 
 SD3_SIZES = {
     # overhead-dominated: 2 blocks, 64 image + 16 text tokens, batch 2
@@ -124,11 +130,12 @@ def sd3_case(size: str) -> Case:
 
 
 def flux_case(size: str) -> Case:
-    """Hook for the Flux backbone: (ours, diffusers) with shared weights and their calls, as sd3_case."""
-    raise NotImplementedError("the Flux benchmark case is not written yet; see sd3_case for the pattern")
+    """Our FluxTransformer and diffusers' FluxTransformer2DModel, same weights and inputs (CPU, fp32)."""
+    case = build_case(size)  # a flux_transformer_case.Case: these four fields plus config and flops
+    return Case(case.ours, case.theirs, case.run_ours, case.run_theirs)
 
 
-FAMILIES = {"sd3": (sd3_case, SD3_SIZES), "flux": (flux_case, {})}
+FAMILIES = {"sd3": (sd3_case, SD3_SIZES), "flux": (flux_case, FLUX_SIZES)}
 
 
 def step(model: torch.nn.Module, run: Callable[[], torch.Tensor], mode: str) -> None:
