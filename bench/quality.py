@@ -57,6 +57,33 @@ def generate(
     return images
 
 
+# README examples: training-split pairs, then held-out pairs (blue circle, red triangle) in new scenes.
+EXAMPLES = [
+    "a large red circle on the left and a small blue square on the right",
+    "a small yellow triangle above a large green square on a black background",
+    "a large purple triangle in the center on a white background",
+    "a large blue circle at the bottom on a gray background",
+    "a small red triangle to the left of a large cyan square",
+    "a large orange square at the top on a black background",
+]
+
+
+def save_examples(pipe, folder: Path, steps: int, guidance: float, max_sequence_length: int | None) -> None:
+    """Each of :data:`EXAMPLES` as ``folder/tiny-shapes-<i>.png`` (seed i, upscaled 4x, nearest) and the
+    prompts in ``folder/tiny-shapes.txt``."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images = pipe(
+        EXAMPLES, steps=steps, guidance=guidance, seed=list(range(len(EXAMPLES))), progress=False,
+        max_sequence_length=max_sequence_length,
+    )  # fmt: skip
+    for i, image in enumerate(images):
+        image.resize((256, 256), Image.NEAREST).save(folder / f"tiny-shapes-{i}.png")
+    lines = [f"tiny-shapes-{i}.png\t{p}" for i, p in enumerate(EXAMPLES)]
+    (folder / "tiny-shapes.txt").write_text("\n".join(lines) + "\n")
+
+
 def row(result, **setting) -> dict:
     return {**setting, "overall": result.overall, "all_correct": result.all_correct, "n": result.n_images}
 
@@ -71,24 +98,30 @@ def main() -> None:
         "--model", default=None, help="diffusers SD3 folder (default: the shipped tiny-shapes)"
     )
     parser.add_argument("--n", type=int, default=200, help="held-out captions")
-    parser.add_argument("--n-train", type=int, default=100, help="training-split captions")
+    parser.add_argument(
+        "--n-sweep", type=int, default=100, help="held-out captions of the sweeps (first ones)"
+    )
+    parser.add_argument("--n-train", type=int, default=100, help="training-split captions (0: skip)")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--steps-list", default="1,2,4,8,16,28")
-    parser.add_argument("--guidance-list", default="1,2,4,7")
+    parser.add_argument("--steps-list", default="1,2,4,8,16,28", help="'' skips the sweep")
+    parser.add_argument("--guidance-list", default="1,2,4,7", help="'' skips the sweep")
     parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (pipeline default)")
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--examples", type=Path, default=None, help="also save EXAMPLES as PNGs here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
     pipe = TextToImagePipeline.from_pretrained(args.model, device="cpu", dtype=torch.float32)
     held = shapes.heldout_scenes(args.n)
-    train = shapes.train_scenes(args.n_train)
-    sets = {"heldout": held, "train": train}
+    n_sweep = min(args.n_sweep, args.n)
+    sets = {"heldout": held, "sweep": held[:n_sweep]}
+    if args.n_train:
+        sets["train"] = shapes.train_scenes(args.n_train)
     captions = {k: [shapes.caption(s) for s in v] for k, v in sets.items()}
     embeds = {k: pipe.encode_prompt(v, args.max_sequence_length) for k, v in captions.items()}
     empty = pipe.encode_prompt([""], args.max_sequence_length)
@@ -101,12 +134,21 @@ def main() -> None:
 
     def accuracy(split: str, steps: int, guidance: float):
         key = (split, steps, guidance)
+        head_key = ("heldout", steps, guidance)
+        if split == "sweep" and head_key in cache:  # the first n_sweep images of a held-out run
+            cache[key] = evaluator.summarize(cache[head_key].per_image[:n_sweep])
         if key not in cache:
             images = generate(pipe, embeds[split], uncond[split], steps, guidance, seeds[split], args.batch)
             cache[key] = evaluator.evaluate(images, captions[split])
         return cache[key]
 
-    report: dict = {"model": str(args.model or "weights/tiny-shapes"), "n": args.n, "n_train": args.n_train}
+    report: dict = {
+        "model": str(args.model or "weights/tiny-shapes"),
+        "n": args.n,
+        "n_sweep": n_sweep,
+        "n_train": args.n_train,
+        "max_sequence_length": args.max_sequence_length,
+    }
     report["reference"] = {
         "ground_truth_renders": evaluator.evaluate(
             [shapes.render(s) for s in held], captions["heldout"]
@@ -117,23 +159,31 @@ def main() -> None:
     report["headline"] = row(head, steps=args.steps, guidance=args.guidance)
     report["per_attribute"] = head.per_attribute
     report["vs_steps"] = [
-        row(accuracy("heldout", s, args.guidance), steps=s, guidance=args.guidance)
-        for s in map(int, args.steps_list.split(","))
+        row(accuracy("sweep", s, args.guidance), steps=s, guidance=args.guidance)
+        for s in map(int, filter(None, args.steps_list.split(",")))
     ]
     report["vs_guidance"] = [
-        row(accuracy("heldout", args.steps, g), steps=args.steps, guidance=g)
-        for g in map(float, args.guidance_list.split(","))
+        row(accuracy("sweep", args.steps, g), steps=args.steps, guidance=g)
+        for g in map(float, filter(None, args.guidance_list.split(",")))
     ]
-    report["train_split"] = row(
-        accuracy("train", args.steps, args.guidance), steps=args.steps, guidance=args.guidance
-    )
+    report["train_split"] = None
+    if args.n_train:
+        result = accuracy("train", args.steps, args.guidance)
+        report["train_split"] = row(result, steps=args.steps, guidance=args.guidance)
     report["seconds"] = time.perf_counter() - start
 
+    if args.examples is not None:
+        save_examples(pipe, args.examples, args.steps, args.guidance, args.max_sequence_length)
     pct = "{:.1%}".format
-    print(f"model {report['model']}: {args.n} held-out captions, {args.n_train} training captions\n")
+    print(
+        f"model {report['model']}: {args.n} held-out captions ({n_sweep} in the sweeps), "
+        f"{args.n_train} training captions, T5 tokens {args.max_sequence_length or 'default'}\n"
+    )
     print("| captions | steps | guidance | overall attribute accuracy | all attributes right |")
     print("|---|---|---|---|---|")
     for name, r in (("held-out", report["headline"]), ("training split", report["train_split"])):
+        if r is None:
+            continue
         print(
             f"| {name} | {r['steps']} | {r['guidance']:g} | {pct(r['overall'])} | {pct(r['all_correct'])} |"
         )
@@ -145,6 +195,8 @@ def main() -> None:
     print("| accuracy | " + " | ".join(pct(v) for v in head.per_attribute.values()) + " |\n")
     for title, key, col in (("steps", "vs_steps", "steps"), ("guidance", "vs_guidance", "guidance")):
         rows = report[key]
+        if not rows:
+            continue
         print(f"| {title} | " + " | ".join(f"{r[col]:g}" for r in rows) + " |")
         print("|---|" + "---|" * len(rows))
         print("| overall | " + " | ".join(pct(r["overall"]) for r in rows) + " |")
