@@ -195,17 +195,22 @@ class FluxTransformer(nn.Module):
 
         for block in self.double_blocks:
             img, txt = self._run(block, img, txt, cond, pe)
-        joint = torch.cat([txt, img], dim=1)  # [B, L + N, D]
-        for block in self.single_blocks:
-            joint = self._run(block, joint, cond, pe)
-        img = joint[:, txt.shape[1] :]
+        if len(self.single_blocks):
+            L = txt.shape[1]
+            joint = torch.cat([txt, img], dim=1)  # [B, L + N, D]
+            del txt, img
+            for block in self.single_blocks[:-1]:
+                joint = self._run(block, joint, cond, pe)
+            # the text outputs of the last block are never read: it returns the image tokens only
+            img = self._run(self.single_blocks[-1], joint, cond, pe, keep_from=L)
+            del joint
         return unpack(self.final_layer(img, cond), H, W).to(x.dtype)
 
-    def _run(self, block: nn.Module, *args: torch.Tensor | Rope):
+    def _run(self, block: nn.Module, *args: torch.Tensor | Rope, **kwargs: int):
         """Call a block, through activation checkpointing when it is on and gradients are being recorded."""
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, self.attention_backend, use_reentrant=False)
-        return block(*args, self.attention_backend)
+            return checkpoint(block, *args, backend=self.attention_backend, use_reentrant=False, **kwargs)
+        return block(*args, backend=self.attention_backend, **kwargs)
 
     def _check_inputs(
         self,

@@ -118,20 +118,37 @@ class DoubleStreamBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
+        img_attn, txt_attn = self.joint_attention(
+            modulate(layer_norm(img), img_shift1, img_scale1),
+            modulate(layer_norm(txt), txt_shift1, txt_scale1),
+            pe,
+            backend,
+        )
+        img = torch.addcmul(img, img_gate1, img_attn)
+        del img_attn
+        img = torch.addcmul(img, img_gate2, self.img_mlp(modulate(layer_norm(img), img_shift2, img_scale2)))
+        txt = torch.addcmul(txt, txt_gate1, txt_attn)
+        del txt_attn
+        txt = torch.addcmul(txt, txt_gate2, self.txt_mlp(modulate(layer_norm(txt), txt_shift2, txt_scale2)))
+        return img, txt
 
-        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(layer_norm(img), img_shift1, img_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(layer_norm(txt), txt_shift1, txt_scale1))
+    def joint_attention(
+        self, img: torch.Tensor, txt: torch.Tensor, pe: Rope, backend: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected attention outputs of both streams over [txt; img], from their modulated inputs.
+
+        Its own function so that q, k, v and the joint output are freed before the MLPs run.
+        """
+        img_q, img_k, img_v = self.img_attn.qkv_heads(img)
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(txt)
         q = torch.cat([txt_q, img_q], dim=2)  # [B, H, L + N, Dh]
         k = torch.cat([txt_k, img_k], dim=2)
         v = torch.cat([txt_v, img_v], dim=2)
+        del img_q, img_k, img_v, txt_q, txt_k, txt_v
         attn = rope_attention(q, k, v, pe, backend)  # [B, L + N, D]
+        del q, k, v
         txt_attn, img_attn = attn.split([txt.shape[1], img.shape[1]], dim=1)
-
-        img = torch.addcmul(img, img_gate1, self.img_attn.proj(img_attn))
-        img = torch.addcmul(img, img_gate2, self.img_mlp(modulate(layer_norm(img), img_shift2, img_scale2)))
-        txt = torch.addcmul(txt, txt_gate1, self.txt_attn.proj(txt_attn))
-        txt = torch.addcmul(txt, txt_gate2, self.txt_mlp(modulate(layer_norm(txt), txt_shift2, txt_scale2)))
-        return img, txt
+        return self.img_attn.proj(img_attn), self.txt_attn.proj(txt_attn)
 
 
 class SingleStreamBlock(nn.Module):
@@ -150,16 +167,49 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(dim // num_heads)
         self.modulation = Modulation(dim, 3)
 
-    def forward(self, x: torch.Tensor, vec: torch.Tensor, pe: Rope, backend: str = "sdpa") -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, vec: torch.Tensor, pe: Rope, backend: str = "sdpa", keep_from: int = 0
+    ) -> torch.Tensor:
+        """x [B, S, D] -> x [B, S - keep_from, D]: only tokens ``keep_from:`` are updated and returned.
+
+        With ``keep_from = L`` (the last block, whose text outputs nobody reads) the first L tokens only
+        supply keys and values: their queries, MLP and output projection are skipped.
+
+        linear1 and linear2 run as two GEMMs each, on the row / column blocks of their weights
+        ([qkv; mlp] and [attn, mlp]), which equals the fused form without materialising the [S, 3 D + M]
+        output or the [S, D + M] concatenation. The MLP branch runs first so that its [S, M] activations are
+        gone (without autograd) before attention runs.
+        """
+        D, H = self.dim, self.num_heads
+        w1, b1, w2 = self.linear1.weight, self.linear1.bias, self.linear2.weight
         shift, scale, gate = self.modulation(vec)
-        qkv, mlp = self.linear1(modulate(layer_norm(x), shift, scale)).split(
-            [3 * self.dim, self.mlp_hidden], -1
+        h = modulate(layer_norm(x), shift, scale)  # [B, S, D]
+        h_out = h[:, keep_from:]  # [B, S', D], the rows whose outputs are kept
+        # the MLP half: linear2[:, D:](gelu(linear1[3 D:](h))) + linear2's bias, [B, S', D]
+        mlp = F.linear(
+            F.gelu(F.linear(h_out, w1[3 * D :], b1[3 * D :]), approximate="tanh"),
+            w2[:, D:],
+            self.linear2.bias,
         )
-        q, k, v = split_heads(qkv, self.num_heads)
+        q, k, v = split_heads(F.linear(h_out, w1[: 3 * D], b1[: 3 * D]), H)  # [B, H, S', Dh]
+        if keep_from:  # the dropped rows' keys and values only
+            B, L, _ = h.shape
+            k_in, v_in = (
+                F.linear(h[:, :keep_from], w1[D : 3 * D], b1[D : 3 * D])
+                .view(B, keep_from, 2, H, -1)
+                .permute(2, 0, 3, 1, 4)
+                .unbind(0)
+            )  # [B, H, keep_from, Dh]
+            k, v = torch.cat([k_in, k], dim=2), torch.cat([v_in, v], dim=2)  # [B, H, S, Dh]
+            del k_in, v_in
+        del h, h_out
         q, k = self.norm(q, k)
-        attn = rope_attention(q, k, v, pe, backend)  # [B, L + N, D]
-        out = self.linear2(torch.cat([attn, F.gelu(mlp, approximate="tanh")], dim=-1))
-        return torch.addcmul(x, gate, out)
+        pe_q = Rope(pe.cos[keep_from:], pe.sin[keep_from:]) if keep_from else pe
+        attn = attention(apply_rope(q, pe_q), apply_rope(k, pe), v, backend)  # [B, S', D]
+        del q, k, v
+        B, S, _ = attn.shape
+        out = torch.addmm(mlp.view(B * S, D), attn.view(B * S, D), w2[:, :D].t()).view(B, S, D)
+        return torch.addcmul(x[:, keep_from:], gate, out)
 
 
 class LastLayer(nn.Module):

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -118,6 +119,16 @@ class SelfAttention(nn.Module):
             q, k = self.norm_q(q.contiguous()), self.norm_k(k.contiguous())
         return q, k, v
 
+    def kv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, L, D] -> k, v, each [B, H, L, Dh] (k normalised when qk_norm is set), without the queries."""
+        B, L, D = x.shape
+        w, b = self.qkv.weight[D:], self.qkv.bias[D:]  # the k and v rows of the fused projection
+        kv = F.linear(x, w, b).view(B, L, 2, self.num_heads, D // self.num_heads)  # [B, L, 2, H, Dh]
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, Dh]
+        if self.norm_k is not None:
+            k = self.norm_k(k.contiguous())
+        return k, v
+
 
 class Stream(nn.Module):
     """One stream of a joint block: adaLN-Zero modulation (shift, scale, gate for attention and for MLP)."""
@@ -183,8 +194,13 @@ class PreOnlyStream(nn.Module):
         self.attn = SelfAttention(dim, num_heads, qk_norm, proj=False)
 
     def pre_attention(self, x: torch.Tensor, vec: torch.Tensor):
+        """(None, k, v): the text queries' outputs would be discarded, so they are never computed."""
         shift, scale = self.mod(vec)
-        return self.attn.qkv_heads(modulate(layer_norm(x), shift, scale)), None
+        if self.attn.norm_q is not None and torch.is_grad_enabled():
+            # norm_q then has no effect; this keeps it in the graph with the zero gradient it has in the full
+            # computation (DDP without find_unused_parameters and weight decay expect a gradient)
+            shift = shift + 0.0 * self.attn.norm_q.weight.sum()
+        return (None, *self.attn.kv_heads(modulate(layer_norm(x), shift, scale))), None
 
 
 class JointBlock(nn.Module):
@@ -211,10 +227,13 @@ class JointBlock(nn.Module):
         """
         img_qkv, img_mod = self.img.pre_attention(img, vec)
         txt_qkv, txt_mod = self.txt.pre_attention(txt, vec)
+        # [B, H, Li + Lt, Dh]; a pre-only text stream has no queries: then q is the image's alone
         q, k, v = (
-            torch.cat(pair, dim=2) for pair in zip(img_qkv, txt_qkv, strict=True)
-        )  # [B, H, Li + Lt, Dh]
-        out = attention(q, k, v, backend)  # [B, Li + Lt, D]
+            a if b is None else torch.cat([a, b], dim=2) for a, b in zip(img_qkv, txt_qkv, strict=True)
+        )
+        del img_qkv, txt_qkv
+        out = attention(q, k, v, backend)  # [B, Li (+ Lt), D]
+        del q, k, v
         n_img = img.shape[1]
         txt_attn = None if txt_mod is None else self.txt.attn.proj(out[:, n_img:])
         return self.img.attn.proj(out[:, :n_img]), txt_attn, img_mod, txt_mod
