@@ -19,7 +19,7 @@ zero-padded to the T5 width (256), and the pooled vector is 64 + 128 = 192 wide,
 
 One command builds it all (minutes; the VAE dominates)::
 
-    python -m mmdit_flow.training.tiny_shapes components weights/tiny-shapes --vae-steps 800
+    python -m mmdit_flow.training.tiny_shapes components weights/tiny-shapes
 """
 
 from __future__ import annotations
@@ -356,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     comp.add_argument("--seed", type=int, default=0)
     comp.add_argument("--vae-steps", type=int, default=vae_train.VAETrainConfig.steps)
     comp.add_argument("--no-probe", action="store_true", help="skip the text-feature linear probe")
-    comp.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    comp.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy CPU)")
     comp.add_argument("--report", type=Path, default=None, help="also write the measurements as JSON here")
     probe = sub.add_parser("probe", help="linear probe of the text encoders of an existing folder")
     probe.add_argument("folder", type=Path)
