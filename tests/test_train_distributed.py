@@ -8,7 +8,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 import torch
 from mmdit_flow.training.config import save_config
 from mmdit_flow.training.trainer import train
@@ -39,7 +38,6 @@ SCRIPT = textwrap.dedent(
 SGD_LIKE = {"lr": 10.0, "eps": 1000.0, "weight_decay": 0.0}
 
 
-@pytest.mark.slow  # two process start-ups: ~20-25 s on 2 shared cores
 def test_two_processes_match_one(tmp_path):
     cache = make_cache(tmp_path / "cache", n=16)
     common = {"schedule": {"max_steps": 3}, "optimizer": SGD_LIKE}
