@@ -147,13 +147,17 @@ class Stream(nn.Module):
         q, k, v = self.attn.qkv_heads(modulate(layer_norm(x), mod[0], mod[1]))
         return (q, k, v), mod
 
-    def post_attention(
+    def add_attention(
         self, x: torch.Tensor, attn: torch.Tensor, mod: tuple[torch.Tensor, ...], backend: str
     ) -> torch.Tensor:
-        """x + gate_a * attn (projected); then x + gate_m * mlp(modulate(norm(x)))."""
-        _, _, gate_a, shift_m, scale_m, gate_m = mod[:6]
-        x = torch.addcmul(x, gate_a, attn)
-        return torch.addcmul(x, gate_m, self.mlp(modulate(layer_norm(x), shift_m, scale_m)))
+        """x + gate_a * attn, with attn the stream's projected joint-attention output."""
+        return torch.addcmul(x, mod[2], attn)
+
+    def add_mlp(
+        self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor
+    ) -> torch.Tensor:
+        """x + gate_m * mlp(modulate(norm(x), shift_m, scale_m))."""
+        return torch.addcmul(x, gate, self.mlp(modulate(layer_norm(x), shift, scale)))
 
 
 class DualStream(Stream):
@@ -174,15 +178,18 @@ class DualStream(Stream):
         q, k, v = self.attn.qkv_heads(modulate(x_norm, mod[0], mod[1]))
         return (q, k, v), (*mod, x_norm)
 
-    def post_attention(
+    def add_attention(
         self, x: torch.Tensor, attn: torch.Tensor, mod: tuple[torch.Tensor, ...], backend: str
     ) -> torch.Tensor:
-        _, _, gate_a, shift_m, scale_m, gate_m, shift_2, scale_2, gate_2, x_norm = mod
+        """x + gate_a * attn + gate_2 * attn2(modulate_2(norm(x)))."""
+        shift_2, scale_2, gate_2, x_norm = mod[6:]
         q, k, v = self.attn2.qkv_heads(modulate(x_norm, shift_2, scale_2))
+        del x_norm
+        if self.attn2.norm_q is not None:  # q and k are copies: a copy of v lets the [B, L, 3 D] qkv go
+            v = v.contiguous()
         attn2 = self.attn2.proj(attention(q, k, v, backend))
-        x = torch.addcmul(x, gate_a, attn)
-        x = torch.addcmul(x, gate_2, attn2)
-        return torch.addcmul(x, gate_m, self.mlp(modulate(layer_norm(x), shift_m, scale_m)))
+        del q, k, v
+        return torch.addcmul(torch.addcmul(x, mod[2], attn), gate_2, attn2)
 
 
 class PreOnlyStream(nn.Module):
@@ -214,16 +221,16 @@ class JointBlock(nn.Module):
     def forward(
         self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, backend: str
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        img_attn, txt_attn, img_mod, txt_mod = self.joint_attention(img, txt, vec, backend)
-        img = self.img.post_attention(img, img_attn, img_mod, backend)
-        if txt_mod is None:
-            return img, None
-        return img, self.txt.post_attention(txt, txt_attn, txt_mod, backend)
+        img, txt, img_mod, txt_mod = self.joint_attention(img, txt, vec, backend)
+        img = self.img.add_mlp(img, *img_mod)
+        return img, None if txt_mod is None else self.txt.add_mlp(txt, *txt_mod)
 
     def joint_attention(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, backend: str):
-        """Attention over [img, txt], projected per stream; returns both outputs and both modulations.
+        """Both streams after their attention residual (txt None when pre-only) and their MLP modulation
+        (shift_m, scale_m, gate_m).
 
-        Its own function so that q, k, v and the joint output are freed before the MLPs run.
+        Its own function so that q, k, v, the attention outputs and the rest of the modulation are freed
+        before the MLPs run.
         """
         img_qkv, img_mod = self.img.pre_attention(img, vec)
         txt_qkv, txt_mod = self.txt.pre_attention(txt, vec)
@@ -235,8 +242,11 @@ class JointBlock(nn.Module):
         out = attention(q, k, v, backend)  # [B, Li (+ Lt), D]
         del q, k, v
         n_img = img.shape[1]
-        txt_attn = None if txt_mod is None else self.txt.attn.proj(out[:, n_img:])
-        return self.img.attn.proj(out[:, :n_img]), txt_attn, img_mod, txt_mod
+        img = self.img.add_attention(img, self.img.attn.proj(out[:, :n_img]), img_mod, backend)
+        if txt_mod is None:
+            return img, None, img_mod[3:6], None
+        txt = self.txt.add_attention(txt, self.txt.attn.proj(out[:, n_img:]), txt_mod, backend)
+        return img, txt, img_mod[3:6], txt_mod[3:6]
 
 
 class FinalLayer(nn.Module):
