@@ -181,21 +181,25 @@ class SingleStreamBlock(nn.Module):
         gone (without autograd) before attention runs.
         """
         D, H = self.dim, self.num_heads
-        w1, b1, w2 = self.linear1.weight, self.linear1.bias, self.linear2.weight
+        # one split per weight: its backward is a single cat, where slicing would zero-fill a full-size
+        # gradient per slice
+        w_qkv, w_mlp = self.linear1.weight.split([3 * D, self.mlp_hidden])
+        b_qkv, b_mlp = self.linear1.bias.split([3 * D, self.mlp_hidden])
+        w_attn_out, w_mlp_out = self.linear2.weight.split([D, self.mlp_hidden], dim=1)
         shift, scale, gate = self.modulation(vec)
         h = modulate(layer_norm(x), shift, scale)  # [B, S, D]
         h_out = h[:, keep_from:]  # [B, S', D], the rows whose outputs are kept
         # the MLP half: linear2[:, D:](gelu(linear1[3 D:](h))) + linear2's bias, [B, S', D]
         mlp = F.linear(
-            F.gelu(F.linear(h_out, w1[3 * D :], b1[3 * D :]), approximate="tanh"),
-            w2[:, D:],
+            F.gelu(F.linear(h_out, w_mlp, b_mlp), approximate="tanh"),
+            w_mlp_out,
             self.linear2.bias,
         )
-        q, k, v = split_heads(F.linear(h_out, w1[: 3 * D], b1[: 3 * D]), H)  # [B, H, S', Dh]
+        q, k, v = split_heads(F.linear(h_out, w_qkv, b_qkv), H)  # [B, H, S', Dh]
         if keep_from:  # the dropped rows' keys and values only
             B, L, _ = h.shape
             k_in, v_in = (
-                F.linear(h[:, :keep_from], w1[D : 3 * D], b1[D : 3 * D])
+                F.linear(h[:, :keep_from], w_qkv[D:], b_qkv[D:])
                 .view(B, keep_from, 2, H, -1)
                 .permute(2, 0, 3, 1, 4)
                 .unbind(0)
@@ -208,7 +212,7 @@ class SingleStreamBlock(nn.Module):
         attn = attention(apply_rope(q, pe_q), apply_rope(k, pe), v, backend)  # [B, S', D]
         del q, k, v
         B, S, _ = attn.shape
-        out = torch.addmm(mlp.view(B * S, D), attn.view(B * S, D), w2[:, :D].t()).view(B, S, D)
+        out = torch.addmm(mlp.view(B * S, D), attn.view(B * S, D), w_attn_out.t()).view(B, S, D)
         return torch.addcmul(x[:, keep_from:], gate, out)
 
 
