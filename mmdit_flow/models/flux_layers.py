@@ -175,29 +175,50 @@ class SingleStreamBlock(nn.Module):
         With ``keep_from = L`` (the last block, whose text outputs nobody reads) the first L tokens only
         supply keys and values: their queries, MLP and output projection are skipped.
 
-        linear1 and linear2 run as two GEMMs each, on the row / column blocks of their weights
+        Plain linear1 and linear2 run as two GEMMs each, on the row / column blocks of their weights
         ([qkv; mlp] and [attn, mlp]), which equals the fused form without materialising the [S, 3 D + M]
         output or the [S, D + M] concatenation. The MLP branch runs first so that its [S, M] activations are
-        gone (without autograd) before attention runs.
+        gone (without autograd) before attention runs. Wrapped layers (e.g. peft LoRA) are called as they
+        are, on every row.
         """
+        D, H, M = self.dim, self.num_heads, self.mlp_hidden
+        shift, scale, gate = self.modulation(vec)
+        h = modulate(layer_norm(x), shift, scale)  # [B, S, D]
+        if type(self.linear1) is nn.Linear and type(self.linear2) is nn.Linear:
+            q, k, v, project_out = self._split_projections(h, keep_from)
+        else:  # wrapped layers (e.g. LoRA): call them as they are, on every row
+            qkv, hidden = self.linear1(h).split([3 * D, M], dim=-1)
+            mlp = F.gelu(hidden[:, keep_from:], approximate="tanh")  # [B, S', M]
+            q, k, v = split_heads(qkv, H)
+            q = q[:, :, keep_from:]
+
+            def project_out(attn: torch.Tensor) -> torch.Tensor:
+                return self.linear2(torch.cat([attn, mlp], dim=-1))
+
+        del h
+        q, k = self.norm(q, k)
+        pe_q = Rope(pe.cos[keep_from:], pe.sin[keep_from:]) if keep_from else pe
+        attn = attention(apply_rope(q, pe_q), apply_rope(k, pe), v, backend)  # [B, S', D]
+        del q, k, v
+        return torch.addcmul(x[:, keep_from:], gate, project_out(attn))
+
+    def _split_projections(self, h: torch.Tensor, keep_from: int):
+        """q [B, H, S', Dh], k, v [B, H, S, Dh] and the output projection attn -> linear2([attn, mlp]), with
+        linear1 and linear2 run as two GEMMs each on the row / column blocks of their weights."""
         D, H = self.dim, self.num_heads
         # one split per weight: its backward is a single cat, where slicing would zero-fill a full-size
         # gradient per slice
         w_qkv, w_mlp = self.linear1.weight.split([3 * D, self.mlp_hidden])
         b_qkv, b_mlp = self.linear1.bias.split([3 * D, self.mlp_hidden])
         w_attn_out, w_mlp_out = self.linear2.weight.split([D, self.mlp_hidden], dim=1)
-        shift, scale, gate = self.modulation(vec)
-        h = modulate(layer_norm(x), shift, scale)  # [B, S, D]
         h_out = h[:, keep_from:]  # [B, S', D], the rows whose outputs are kept
         # the MLP half: linear2[:, D:](gelu(linear1[3 D:](h))) + linear2's bias, [B, S', D]
         mlp = F.linear(
-            F.gelu(F.linear(h_out, w_mlp, b_mlp), approximate="tanh"),
-            w_mlp_out,
-            self.linear2.bias,
+            F.gelu(F.linear(h_out, w_mlp, b_mlp), approximate="tanh"), w_mlp_out, self.linear2.bias
         )
         q, k, v = split_heads(F.linear(h_out, w_qkv, b_qkv), H)  # [B, H, S', Dh]
         if keep_from:  # the dropped rows' keys and values only
-            B, L, _ = h.shape
+            B = h.shape[0]
             k_in, v_in = (
                 F.linear(h[:, :keep_from], w_qkv[D:], b_qkv[D:])
                 .view(B, keep_from, 2, H, -1)
@@ -205,15 +226,12 @@ class SingleStreamBlock(nn.Module):
                 .unbind(0)
             )  # [B, H, keep_from, Dh]
             k, v = torch.cat([k_in, k], dim=2), torch.cat([v_in, v], dim=2)  # [B, H, S, Dh]
-            del k_in, v_in
-        del h, h_out
-        q, k = self.norm(q, k)
-        pe_q = Rope(pe.cos[keep_from:], pe.sin[keep_from:]) if keep_from else pe
-        attn = attention(apply_rope(q, pe_q), apply_rope(k, pe), v, backend)  # [B, S', D]
-        del q, k, v
-        B, S, _ = attn.shape
-        out = torch.addmm(mlp.view(B * S, D), attn.view(B * S, D), w_attn_out.t()).view(B, S, D)
-        return torch.addcmul(x[:, keep_from:], gate, out)
+
+        def project_out(attn: torch.Tensor) -> torch.Tensor:  # [B, S', D] -> [B, S', D]
+            B, S, _ = attn.shape
+            return torch.addmm(mlp.view(B * S, D), attn.view(B * S, D), w_attn_out.t()).view(B, S, D)
+
+        return q, k, v, project_out
 
 
 class LastLayer(nn.Module):

@@ -122,8 +122,11 @@ class SelfAttention(nn.Module):
     def kv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, L, D] -> k, v, each [B, H, L, Dh] (k normalised when qk_norm is set), without the queries."""
         B, L, D = x.shape
-        w, b = self.qkv.weight[D:], self.qkv.bias[D:]  # the k and v rows of the fused projection
-        kv = F.linear(x, w, b).view(B, L, 2, self.num_heads, D // self.num_heads)  # [B, L, 2, H, Dh]
+        if type(self.qkv) is nn.Linear:  # the k and v rows of the fused projection
+            kv = F.linear(x, self.qkv.weight[D:], self.qkv.bias[D:])
+        else:  # a wrapped layer (e.g. LoRA): call it as it is
+            kv = self.qkv(x)[..., D:]
+        kv = kv.view(B, L, 2, self.num_heads, D // self.num_heads)  # [B, L, 2, H, Dh]
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, Dh]
         if self.norm_k is not None:
             k = self.norm_k(k.contiguous())
