@@ -1,7 +1,7 @@
 """Layers shared by the SD3 MMDiT and Flux backbones.
 
-Glossary: ``x`` image tokens, ``txt`` text tokens, ``vec`` the pooled conditioning vector (timestep + pooled text
-[+ guidance]), ``t`` the flow time in [0, 1] (1 = noise).
+Glossary: ``x`` image tokens, ``txt`` text tokens, ``vec`` the pooled conditioning vector (timestep + pooled
+text [+ guidance]), ``t`` the flow time in [0, 1] (1 = noise).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class MLPEmbedder(nn.Module):
-    """Linear -> SiLU -> Linear: embeds the sinusoidal timestep, the pooled text vector or the guidance scale."""
+    """Linear -> SiLU -> Linear: embeds the sinusoidal timestep, the pooled text vector or the guidance
+    scale."""
 
     def __init__(self, in_dim: int, hidden: int):
         super().__init__()
