@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from mmdit_flow.weights.flux_keys import config_to_diffusers, from_diffusers
 from torch import nn
+
+from mmdit_flow.weights.flux_keys import config_to_diffusers, from_diffusers
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # the sibling bench modules
     sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -65,9 +65,9 @@ def sd3_flops(c, n_img: int, n_txt: int, batch: int = 1) -> float:
 def sd3_models(depth: int | None, smoke: bool, device: torch.device, dtype: torch.dtype):
     """(ours, diffusers, inputs, flops) for the SD3-medium shape (or a tiny one with ``smoke``)."""
     from diffusers import SD3Transformer2DModel
-    from mmdit_flow.weights.sd3_keys import config_to_diffusers, from_diffusers
 
     from mmdit_flow.models.sd3 import SD3Config, SD3Transformer
+    from mmdit_flow.weights.sd3_keys import config_to_diffusers, from_diffusers
 
     if smoke:
         config = SD3Config(
@@ -145,9 +145,9 @@ def flux_models(depth: int | None, smoke: bool, device: torch.device, dtype: tor
     38).
     """
     from diffusers import FluxPipeline, FluxTransformer2DModel
-    from mmdit_flow.weights.flux_keys import config_to_diffusers, from_diffusers
 
     from mmdit_flow.models.flux import PRESETS, FluxConfig, FluxTransformer, position_ids
+    from mmdit_flow.weights.flux_keys import config_to_diffusers, from_diffusers
 
     if smoke:
         config = FluxConfig(
@@ -342,6 +342,7 @@ def pipeline_bench(args: argparse.Namespace, device: torch.device, dtype: torch.
 
     import pipeline as cpu_bench  # bench/pipeline.py
     from diffusers import StableDiffusion3Pipeline
+
     from mmdit_flow.pipelines import TextToImagePipeline
 
     log("building the SD3 pipeline components")

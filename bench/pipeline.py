@@ -71,6 +71,7 @@ CASES = {  # name -> (components builder, image size, guidance)
 
 def bench_case(name: str, steps: int, repeats: int, images: int) -> tuple[float, float]:
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
     from mmdit_flow.pipelines import TextToImagePipeline
 
     build, size, guidance = CASES[name]

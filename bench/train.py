@@ -32,9 +32,9 @@ SIZES = {
 
 def build(size: str):
     from diffusers import SD3Transformer2DModel
-    from mmdit_flow.weights.sd3_keys import config_from_diffusers, from_diffusers
 
     from mmdit_flow.models.sd3 import SD3Transformer
+    from mmdit_flow.weights.sd3_keys import config_from_diffusers, from_diffusers
 
     s = SIZES[size]
     torch.manual_seed(0)

@@ -101,9 +101,9 @@ def randomize(module: torch.nn.Module, seed: int = 0) -> None:
 
 def sd3_case(size: str) -> Case:
     from diffusers import SD3Transformer2DModel
-    from mmdit_flow.weights.sd3_keys import config_from_diffusers, from_diffusers
 
     from mmdit_flow.models.sd3 import SD3Transformer
+    from mmdit_flow.weights.sd3_keys import config_from_diffusers, from_diffusers
 
     spec = SD3_SIZES[size]
     theirs = SD3Transformer2DModel(**spec["diffusers"])

@@ -23,7 +23,17 @@ _LAZY = {
     "FluxTransformer": "mmdit_flow.models.flux",
     "TextToImagePipeline": "mmdit_flow.pipelines",
 }
-_SUBMODULES = {"flow", "sampling", "likelihood", "reflow", "attention", "models", "pipelines", "training", "weights"}
+_SUBMODULES = {
+    "flow",
+    "sampling",
+    "likelihood",
+    "reflow",
+    "attention",
+    "models",
+    "pipelines",
+    "training",
+    "weights",
+}
 
 if TYPE_CHECKING:  # pragma: no cover
     from mmdit_flow.models.flux import FluxConfig, FluxTransformer
@@ -31,7 +41,25 @@ if TYPE_CHECKING:  # pragma: no cover
     from mmdit_flow.pipelines import TextToImagePipeline
     from mmdit_flow.weights import load_transformer, save_transformer
 
-__all__ = sorted([*_LAZY, *_SUBMODULES, "__version__"])
+__all__ = [
+    "FluxConfig",
+    "FluxTransformer",
+    "SD3Config",
+    "SD3Transformer",
+    "TextToImagePipeline",
+    "__version__",
+    "attention",
+    "flow",
+    "likelihood",
+    "load_transformer",
+    "models",
+    "pipelines",
+    "reflow",
+    "sampling",
+    "save_transformer",
+    "training",
+    "weights",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+
 from mmdit_flow.pipelines.text import PromptEmbeds, check_max_sequence_length
 
 SAMPLERS = ("euler", "midpoint", "heun", "rk4")

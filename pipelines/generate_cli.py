@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     import torch
+
     from mmdit_flow.pipelines import TextToImagePipeline
 
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None

@@ -150,6 +150,7 @@ def load_components(
     """Load every component of a pipeline folder onto ``device`` (or the CPU when offloading)."""
     import transformers
     from diffusers import AutoencoderKL
+
     from mmdit_flow.weights import load_transformer
 
     family, index = read_index(folder)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from mmdit_flow.pipelines import checks
 from mmdit_flow.pipelines.loading import Components, default_device_dtype, demo_folder, load_components
 from mmdit_flow.pipelines.text import ClipEncoder, FluxTextEncoder, PromptEmbeds, SD3TextEncoder, T5Encoder

@@ -6,7 +6,6 @@ import dataclasses
 
 import pytest
 import torch
-from mmdit_flow.weights.flux_keys import config_to_diffusers, from_diffusers
 
 from mmdit_flow.models.flux import (
     FLUX_DEV,
@@ -17,6 +16,7 @@ from mmdit_flow.models.flux import (
     position_ids,
     unpack,
 )
+from mmdit_flow.weights.flux_keys import config_to_diffusers, from_diffusers
 
 TINY = FluxConfig(
     in_channels=4,

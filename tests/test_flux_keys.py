@@ -7,6 +7,9 @@ import inspect
 
 import pytest
 import torch
+from test_flux import TINY, diffusers_pair, diffusers_velocity, inputs, randomize_
+
+from mmdit_flow.models.flux import FLUX_DEV, FluxConfig, FluxTransformer
 from mmdit_flow.weights.flux_keys import (
     FAMILY,
     config_from_diffusers,
@@ -19,9 +22,6 @@ from mmdit_flow.weights.flux_keys import (
     to_diffusers,
     to_original,
 )
-from test_flux import TINY, diffusers_pair, diffusers_velocity, inputs, randomize_
-
-from mmdit_flow.models.flux import FLUX_DEV, FluxConfig, FluxTransformer
 
 SCHNELL_TINY = dataclasses.replace(TINY, guidance_embed=False, depth=1, depth_single=3)
 

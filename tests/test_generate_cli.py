@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 from components import flux_components, save_diffusers_folder
-from mmdit_flow.pipelines.cli import main
 from PIL import Image
+
+from mmdit_flow.pipelines.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from mmdit_flow.training.lab import data, diffusion, experiment, metrics, train
 
 

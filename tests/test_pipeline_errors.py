@@ -110,8 +110,9 @@ def test_missing_component_folder_is_named(folder, tmp_path):
 
 
 def test_pickle_only_folder_is_refused(folder, tmp_path):
-    from mmdit_flow.pipelines import TextToImagePipeline
     from safetensors.torch import load_file
+
+    from mmdit_flow.pipelines import TextToImagePipeline
 
     pickled = shutil.copytree(folder, tmp_path / "pickled")
     weights = pickled / "text_encoder" / "model.safetensors"

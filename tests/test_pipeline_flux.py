@@ -14,6 +14,7 @@ SMALL = {"max_sequence_length": 16}
 
 def _load(folder):
     from diffusers import FluxPipeline
+
     from mmdit_flow.pipelines import TextToImagePipeline
 
     ours = TextToImagePipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)

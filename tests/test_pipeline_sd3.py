@@ -15,6 +15,7 @@ SMALL = {"max_sequence_length": 16}
 
 def _load(folder, **ref_kwargs):
     from diffusers import StableDiffusion3Pipeline
+
     from mmdit_flow.pipelines import TextToImagePipeline
 
     ours = TextToImagePipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)

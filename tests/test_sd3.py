@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 import torch
-from mmdit_flow.weights.sd3_keys import config_from_diffusers, from_diffusers, to_diffusers
 
 from mmdit_flow.models.patch import crop_table, sincos_2d_table
 from mmdit_flow.models.sd3 import PRESETS, SD3Config, SD3Transformer
+from mmdit_flow.weights.sd3_keys import config_from_diffusers, from_diffusers, to_diffusers
 
 TINY = dict(
     sample_size=8,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from mmdit_flow.models.sd3 import PRESETS, SD3Config, SD3Transformer
 from mmdit_flow.weights import sd3_keys
 from mmdit_flow.weights.sd3_keys import (
     FAMILY,
@@ -16,8 +18,6 @@ from mmdit_flow.weights.sd3_keys import (
     to_diffusers,
     to_original,
 )
-
-from mmdit_flow.models.sd3 import PRESETS, SD3Config, SD3Transformer
 
 # head dim 64 and sample size 128, as in every release: what an original file's shapes cannot tell
 TINY = dict(

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+
 from mmdit_flow.training import shapes as S
 
 

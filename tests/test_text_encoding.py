@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 from components import diffusers_pipeline, flux_components, sd3_components
+
 from mmdit_flow.pipelines.text import (
     ClipEncoder,
     FluxTextEncoder,

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from mmdit_flow.training import shapes, tiny_shapes, vae_train
 
 FOLDER = Path(__file__).resolve().parents[1] / "weights" / "tiny-shapes"

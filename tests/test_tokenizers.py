@@ -3,6 +3,7 @@
 import string
 
 import pytest
+
 from mmdit_flow.training import shapes as S
 from mmdit_flow.training import tokenizers as T
 

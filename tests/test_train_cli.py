@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import yaml
+
 from mmdit_flow.training import cache, cli
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from mmdit_flow.training.config import apply_overrides, config_from_dict, load_config, save_config
 
 BASE = {"model": {"preset": "tiny"}, "data": {"path": "imgs"}}

@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from mmdit_flow.training.config import DataConfig
 from mmdit_flow.training.data import (
     BadImage,
@@ -21,7 +23,6 @@ from mmdit_flow.training.data import (
     nearest_bucket,
     scan_folder,
 )
-from PIL import Image
 
 
 def _png_bytes(img: Image.Image, **kw) -> bytes:
@@ -188,6 +189,7 @@ def test_collate_stacks_and_concatenates():
 
 def test_webdataset_shards(tmp_path):
     import webdataset as wds
+
     from mmdit_flow.training.data import ShardStream
 
     good = [_png_bytes(Image.new("RGB", (64, 64), (i * 30, 0, 0))) for i in range(5)]

@@ -9,10 +9,10 @@ import textwrap
 from pathlib import Path
 
 import torch
-from mmdit_flow.training.config import save_config
-from mmdit_flow.training.trainer import train
 from safetensors.torch import load_file
 
+from mmdit_flow.training.config import save_config
+from mmdit_flow.training.trainer import train
 from tests.train_helpers import make_cache, tiny_config, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]

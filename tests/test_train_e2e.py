@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from mmdit_flow.training.cache import Conditioner, build_cache
 from mmdit_flow.training.config import config_from_dict
 from mmdit_flow.training.trainer import train
-from PIL import Image
-
 from tests.components import save_diffusers_folder, sd3_components
 
 
@@ -75,6 +75,7 @@ def test_finetune_cached_equals_uncached_and_exports(setup):
 
     # the final folder loads in diffusers and in our pipeline, with the same trained transformer
     from diffusers import StableDiffusion3Pipeline
+
     from mmdit_flow.pipelines import TextToImagePipeline
 
     theirs = StableDiffusion3Pipeline.from_pretrained(run / "final").transformer.eval()

@@ -7,9 +7,9 @@ import signal
 
 import pytest
 import torch
+
 from mmdit_flow.training.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint
 from mmdit_flow.training.trainer import NonFiniteLossError, lr_factor, train
-
 from tests.train_helpers import make_cache, tiny_config, tiny_model
 
 
@@ -154,8 +154,9 @@ def test_lr_schedule_counts_optimizer_steps():
 
 
 def test_lora_run_trains_only_adapters_and_exports(tmp_path):
-    from mmdit_flow.weights import load_transformer
     from safetensors.torch import load_file
+
+    from mmdit_flow.weights import load_transformer
 
     cache = make_cache(tmp_path / "cache")
     cfg = tiny_config(

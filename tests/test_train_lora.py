@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from mmdit_flow.training.config import LoRAConfig
 from mmdit_flow.training.lora import add_lora, load_lora, lora_layers, merged_copy, save_lora
-
 from tests.components import diffusers_pipeline, sd3_components
 
 TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mod.lin", "final.linear"]

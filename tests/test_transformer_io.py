@@ -8,11 +8,12 @@ import logging
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
 from mmdit_flow.weights import io, load_transformer, save_transformer, transformer
 from mmdit_flow.weights.formats import KeyFormat
 from mmdit_flow.weights.io import CheckpointError
-from safetensors.torch import load_file, save_file
-from torch import nn
 
 TINY_SD3 = dict(
     sample_size=8,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from components import flux_components, save_diffusers_folder
+
 from mmdit_flow.pipelines import TextToImagePipeline
 
 SIZE = 128  # pixels: 64x64 latents (the tiny VAE halves the size)

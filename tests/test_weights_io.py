@@ -8,9 +8,10 @@ import struct
 
 import pytest
 import torch
+from torch import nn
+
 from mmdit_flow.weights import io
 from mmdit_flow.weights.io import CheckpointError
-from torch import nn
 
 
 def _sd(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import torch
-from mmdit_flow.training.config import TrainConfig, config_from_dict
 from safetensors.torch import save_file
+
+from mmdit_flow.training.config import TrainConfig, config_from_dict
 
 # text parts as the cache stores them: clip_l / clip_g hidden [6, 4], pooled [4]; t5 hidden [5, 16]
 # combine -> txt [11, 16], vec [8]

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+
     from mmdit_flow.training.config import TrainConfig
     from mmdit_flow.training.data import SampleKey
 
@@ -100,6 +101,7 @@ class Conditioner:
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device=None, max_sequence_length: int = 256) -> Conditioner:
         import torch
+
         from mmdit_flow.pipelines import TextToImagePipeline
 
         pipe = TextToImagePipeline.from_pretrained(path, device=device or "cpu", dtype=torch.float32)
@@ -183,8 +185,9 @@ def build_cache(
 ) -> Path:
     """Encode every readable image of ``config.data.path`` into ``config.data.cache_dir``; returns it."""
     import torch
-    from mmdit_flow.training.data import ImageFolderDataset, SampleKey, scan_folder
     from tqdm.auto import tqdm
+
+    from mmdit_flow.training.data import ImageFolderDataset, SampleKey, scan_folder
 
     d = config.data
     if not d.path or not d.cache_dir:
@@ -324,6 +327,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
+
     from mmdit_flow.training.config import load_config
 
     config = load_config(args.config, args.overrides)

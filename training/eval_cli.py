@@ -44,8 +44,9 @@ def read_metadata(path: Path) -> list[tuple[str, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmdit_flow.training.evaluator import ATTRIBUTES, evaluate
     from PIL import Image
+
+    from mmdit_flow.training.evaluator import ATTRIBUTES, evaluate
 
     captions_path = args.captions or args.image_dir / "metadata.jsonl"
     if not captions_path.is_file():

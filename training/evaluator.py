@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from mmdit_flow.training import shapes
 
 ATTRIBUTES = ("count", "shape", "color", "size", "position", "relation", "background")

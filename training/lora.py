@@ -61,9 +61,8 @@ def lora_layers(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor,
 
 
 def _rules(model: nn.Module) -> dict[str, Any]:
-    from mmdit_flow.weights.sd3_keys import diffusers_rules
-
     from mmdit_flow.models.sd3 import SD3Transformer
+    from mmdit_flow.weights.sd3_keys import diffusers_rules
 
     base = model
     if not isinstance(base, SD3Transformer):

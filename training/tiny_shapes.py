@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from mmdit_flow.training import shapes, tokenizers, vae_train
 
 logger = logging.getLogger(__name__)

@@ -31,6 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
+from mmdit_flow.flow import cfm_loss, sample_t, shift_t
 from mmdit_flow.training.cache import CachedDataset, Conditioner, TextParts, combine, drop_captions
 from mmdit_flow.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mmdit_flow.training.config import TrainConfig, save_config
@@ -43,9 +46,6 @@ from mmdit_flow.training.data import (
     collate,
     scan_folder,
 )
-from torch import nn
-
-from mmdit_flow.flow import cfm_loss, sample_t, shift_t
 
 logger = logging.getLogger(__name__)
 

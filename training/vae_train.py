@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
 from mmdit_flow.training import shapes
 
 if TYPE_CHECKING:

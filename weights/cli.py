@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
+
     from mmdit_flow.weights import load_transformer, save_transformer
 
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None

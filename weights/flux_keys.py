@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from mmdit_flow.weights.formats import KeyFormat, StateDict
 
 from mmdit_flow.models.flux import MLP_RATIO, FluxConfig, FluxTransformer
+from mmdit_flow.weights.formats import KeyFormat, StateDict
 
 logger = logging.getLogger(__name__)
 

@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from mmdit_flow.weights.formats import StateDict
 from torch import nn
+
+from mmdit_flow.weights.formats import StateDict
 
 logger = logging.getLogger(__name__)
 

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
 from mmdit_flow.weights.formats import KeyFormat, StateDict
 from mmdit_flow.weights.io import (
     Checkpoint,
@@ -40,7 +42,6 @@ from mmdit_flow.weights.io import (
     save_folder,
     write_json,
 )
-from torch import nn
 
 logger = logging.getLogger(__name__)
 

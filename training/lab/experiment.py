@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from mmdit_flow.training.lab import data as lab_data
 from mmdit_flow.training.lab.metrics import w2
 from mmdit_flow.training.lab.train import TrainConfig
@@ -202,10 +203,9 @@ def train_models(
     name: str, config: LabConfig, gens: dict[str, torch.Generator], progress: bool
 ) -> tuple[dict[str, torch.nn.Module], dict[str, float]]:
     """Train 1-RF, 2-RF (reflow of 1-RF), OT-CFM and the DDPM baseline; returns nets and seconds per model."""
-    from mmdit_flow.training.lab import train
-
     from mmdit_flow.reflow import make_couplings
     from mmdit_flow.sampling import timesteps
+    from mmdit_flow.training.lab import train
 
     sampler, g, cfg = lab_data.DATASETS[name], gens["train"], config.train
     seconds: dict[str, float] = {}
@@ -315,10 +315,9 @@ def draw(
     out: Path,
 ) -> list[Path]:
     """All figures of one data set: particles, velocity field, paths, reflow paths, quality curves, GIF."""
+    from mmdit_flow.sampling import solve, timesteps
     from mmdit_flow.training.lab import plots
     from mmdit_flow.training.lab.diffusion import sample
-
-    from mmdit_flow.sampling import solve, timesteps
 
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
 from mmdit_flow.training.lab.data import Sampler
 from mmdit_flow.training.lab.net import TimeMLP
 
