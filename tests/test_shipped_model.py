@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import mmdit_flow.weights
 import numpy as np
 import pytest
 import torch
+
+import mmdit_flow.weights
 
 FOLDER = Path(mmdit_flow.weights.__file__).parent / "tiny-shapes"
 PROMPTS = [
@@ -93,11 +94,12 @@ def test_simple_captions_pass_the_evaluator(pipe):
 
 def test_checkpoint_export_equals_the_final_export(tmp_path):
     """A mid-run checkpoint ships the same (EMA) weights that the end of the run exports."""
+    from safetensors.torch import load_file
+    from train_helpers import make_cache, tiny_config
+
     from mmdit_flow.training import ship
     from mmdit_flow.training.trainer import train
     from mmdit_flow.weights import load_transformer
-    from safetensors.torch import load_file
-    from train_helpers import make_cache, tiny_config
 
     cfg = tiny_config(make_cache(tmp_path / "cache"), tmp_path / "run", output={"save_final": True})
     assert train(cfg) == 0
@@ -117,6 +119,7 @@ def test_checkpoint_export_equals_the_final_export(tmp_path):
 
 def test_scheduler_and_index(tmp_path):
     from diffusers import FlowMatchEulerDiscreteScheduler
+
     from mmdit_flow.training import ship
 
     with pytest.raises(FileNotFoundError, match="lacks vae"):

@@ -121,9 +121,10 @@ def checkpoint_transformer(checkpoint: str | Path, config: Any, out: str | Path,
     """Export the transformer of an accelerate checkpoint (``<run>/checkpoints/step-*``) as a diffusers
     folder ``out``: the EMA weights when the checkpoint holds them and ``ema``, else the raw weights."""
     import torch
+    from safetensors.torch import load_file
+
     from mmdit_flow.training.trainer import build_model
     from mmdit_flow.weights import save_transformer
-    from safetensors.torch import load_file
 
     checkpoint = Path(checkpoint)
     weights = checkpoint / "model.safetensors"
