@@ -52,3 +52,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
         out = scores.softmax(dim=-1) @ v.float()  # [B, H, L, D]
         return out.to(q.dtype).transpose(1, 2).reshape(B, L, H * D)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+class AttentionBackendMixin:
+    """A checked ``attention_backend`` property for models: setting an unknown name raises a ValueError."""
+
+    _attention_backend: str
+
+    @property
+    def attention_backend(self) -> str:
+        return self._attention_backend
+
+    @attention_backend.setter
+    def attention_backend(self, backend: str) -> None:
+        self._attention_backend = check_backend(backend)

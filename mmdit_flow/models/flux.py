@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mmdit_flow.attention import check_backend
+from mmdit_flow.attention import AttentionBackendMixin
 from mmdit_flow.models.flux_layers import DoubleStreamBlock, LastLayer, Rope, SingleStreamBlock, rope
 from mmdit_flow.models.layers import MLPEmbedder, timestep_embedding
 
@@ -117,7 +117,7 @@ def position_ids(txt_len: int, h: int, w: int, device: torch.device | None = Non
     return torch.cat([txt_ids, img_ids], dim=0)
 
 
-class FluxTransformer(nn.Module):
+class FluxTransformer(AttentionBackendMixin, nn.Module):
     """The Flux velocity network v(x, t, txt, vec[, guidance]); see the module docstring for the interface.
 
     ``attention_backend`` ("sdpa" | "xformers" | "reference") can be changed after construction; set
@@ -143,14 +143,6 @@ class FluxTransformer(nn.Module):
         )
         self.final_layer = LastLayer(D, 4 * c.out_channels)
         self.initialize_weights()
-
-    @property
-    def attention_backend(self) -> str:
-        return self._attention_backend
-
-    @attention_backend.setter
-    def attention_backend(self, backend: str) -> None:
-        self._attention_backend = check_backend(backend)
 
     def initialize_weights(self) -> None:
         """Xavier-uniform linears with zero bias, N(0, 0.02) embedders, and adaLN-Zero: every modulation and

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mmdit_flow.attention import attention, check_backend
+from mmdit_flow.attention import AttentionBackendMixin, attention
 from mmdit_flow.models.layers import (
     MLP,
     MLPEmbedder,
@@ -265,7 +265,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(layer_norm(x), shift, scale))
 
 
-class SD3Transformer(nn.Module):
+class SD3Transformer(AttentionBackendMixin, nn.Module):
     """SD3 / SD3.5 MMDiT: ``model(x, t, txt, vec) -> v``, the velocity for latents ``x`` at flow time ``t``.
 
     Set ``model.gradient_checkpointing = True`` to recompute each block in the backward pass, and
@@ -292,14 +292,6 @@ class SD3Transformer(nn.Module):
         )
         self.final = FinalLayer(D, c.patch_size, c.out_channels)
         self.initialize_weights()
-
-    @property
-    def attention_backend(self) -> str:
-        return self._attention_backend
-
-    @attention_backend.setter
-    def attention_backend(self, backend: str) -> None:
-        self._attention_backend = check_backend(backend)
 
     def initialize_weights(self) -> None:
         """DiT init: Xavier-uniform linears with zero bias, N(0, 0.02) timestep MLP, and adaLN-Zero (every
