@@ -9,6 +9,10 @@ Glossary: ``txt`` the text tokens the transformer attends to, [B, L, D]; ``vec``
   zeros.
 - Flux: ``txt`` = T5 tokens (max_sequence_length); ``vec`` = CLIP-L pooled output.
 
+CLIP pads to its tokenizer's ``model_max_length`` (77 in the released checkpoints). ``max_sequence_length``
+defaults to 256 (SD3) / 512 (Flux), or to the T5 tokenizer's ``model_max_length`` where that is smaller: a
+model trained on short prompts (the shipped tiny-shapes model: 32) records its length there.
+
 Every encoder pads to its fixed length and runs without an attention mask, exactly as the reference does, so a
 prompt's embedding does not depend on the other prompts of its batch. Over-long prompts are truncated with one
 warning per encoder and call that names the text actually dropped.
@@ -111,8 +115,9 @@ class T5Encoder:
 def check_max_sequence_length(max_sequence_length: int, limit: int) -> None:
     if not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= limit:
         raise ValueError(
-            f"max_sequence_length must be an integer in [1, {limit}] (the T5 encoder's limit), "
-            f"got {max_sequence_length!r}; pass a value such as 256 or {limit}."
+            f"max_sequence_length must be an integer in [1, {limit}] (the T5 tokenizer's model_max_length, "
+            f"at most {T5_MAX_LENGTH}), "
+            f"got {max_sequence_length!r}; pass a value such as {min(256, limit)}, or none for the default."
         )
 
 
@@ -128,7 +133,11 @@ class SD3TextEncoder:
 
     def encode(self, prompts: list[str], max_sequence_length: int | None = None) -> PromptEmbeds:
         """txt = [pad_D(L_hidden ++ G_hidden) ; T5] [B, 77 + n, D]; vec = L_pooled ++ G_pooled [B, P]."""
-        n = self.default_max_sequence_length if max_sequence_length is None else max_sequence_length
+        n = (
+            min(self.default_max_sequence_length, self.limit)
+            if max_sequence_length is None
+            else max_sequence_length
+        )
         check_max_sequence_length(n, self.limit)
         hidden_l, pooled_l = self.clip_l.encode(prompts)
         hidden_g, pooled_g = self.clip_g.encode(prompts)
@@ -155,7 +164,11 @@ class FluxTextEncoder:
 
     def encode(self, prompts: list[str], max_sequence_length: int | None = None) -> PromptEmbeds:
         """txt = T5 [B, max_sequence_length, D]; vec = CLIP pooled [B, P]."""
-        n = self.default_max_sequence_length if max_sequence_length is None else max_sequence_length
+        n = (
+            min(self.default_max_sequence_length, self.limit)
+            if max_sequence_length is None
+            else max_sequence_length
+        )
         check_max_sequence_length(n, self.limit)
         _, pooled = self.clip.encode(prompts, hidden=False)
         return PromptEmbeds(self.t5.encode(prompts, n), pooled)

@@ -112,3 +112,24 @@ def test_max_sequence_length_limit(sd3):
         text.encode(["a cat"], 513)
     with pytest.raises(ValueError, match="max_sequence_length"):
         text.encode(["a cat"], 0)
+
+
+def test_short_tokenizer_lengths_set_the_prompt_layout_and_default():
+    """A model trained on short prompts records the length in its tokenizers (the shipped tiny-shapes
+    model: 32): CLIP pads to it, as diffusers does, and max_sequence_length defaults to it."""
+    c = sd3_components()
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        c[name].model_max_length = 12
+    ref = diffusers_pipeline(c)
+    with torch.no_grad():
+        txt, _, vec, _ = ref.encode_prompt(PROMPTS, None, None, device="cpu", max_sequence_length=12)
+    text = _sd3_text(c)
+    ours = text.encode(PROMPTS)  # no max_sequence_length: the T5 tokenizer's 12, not 256
+    assert ours.txt.shape == (2, 12 + 12, 48)
+    torch.testing.assert_close(ours.txt, txt, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.vec, vec, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"max_sequence_length must be an integer in \[1, 12\]"):
+        text.encode(PROMPTS, 256)
+    flux = flux_components()
+    flux["tokenizer_2"].model_max_length = 10
+    assert _flux_text(flux).encode(PROMPTS).txt.shape[1] == 10

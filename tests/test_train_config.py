@@ -67,3 +67,12 @@ def test_needs_data_and_exactly_one_model():
     with pytest.raises(ValueError, match="set exactly one"):
         config_from_dict({"data": {"path": "x"}})
     assert config_from_dict(BASE).data.path == "imgs"
+
+
+def test_unquoted_no_is_the_choice_no():
+    """YAML reads `no` as False; `precision.mixed_precision=no` still means the choice 'no'."""
+    base = {"model": {"preset": "tiny"}, "data": {"path": "imgs"}}
+    c = config_from_dict(apply_overrides(base, ["precision.mixed_precision=no"]))
+    assert c.precision.mixed_precision == "no"
+    with pytest.raises(ValueError, match="precision.mixed_precision: True is not a valid choice"):
+        config_from_dict(apply_overrides(base, ["precision.mixed_precision=yes"]))

@@ -221,6 +221,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+
+
 def _convert(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotation ``tp`` (coercing numeric strings), naming ``key`` on error."""
     origin = typing.get_origin(tp)
@@ -237,6 +240,9 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
         raise ValueError(errors[0])
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted no / off / yes / on as a bool
+            spelled = [c for c in _BOOL_WORDS[value] if c in choices]
+            value = spelled[0] if spelled else value
         if value not in choices:
             raise ValueError(
                 f"{key}: {value!r} is not a valid choice; choose from {', '.join(map(repr, choices))}"

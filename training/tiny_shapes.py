@@ -75,6 +75,11 @@ TRANSFORMER_TEXT_DIMS = {
     "pooled_projection_dim": CLIP_L["projection_dim"] + CLIP_G["projection_dim"],
 }
 ENCODER_FOLDERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+# Prompt length in tokens, for all three tokenizers (their model_max_length): the longest caption of the
+# grammar is 21 CLIP / 20 T5 tokens. CLIP pads to it (not to 77), so the transformer attends over 32 + 32
+# text tokens instead of 77 + 32, and the pipelines default to 32 T5 tokens, as the model was trained.
+# The CLIP encoders keep 77 positions; being causal, their first 32 outputs are the same either way.
+PROMPT_TOKENS = 32
 
 
 # ------------------------------------------------------------------------------------------- text encoders
@@ -118,7 +123,7 @@ def build_text_encoders(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     from transformers import CLIPTokenizer, T5TokenizerFast
 
     out = Path(out_dir)
-    folders = tokenizers.save_tokenizers(out)
+    folders = tokenizers.save_tokenizers(out, clip_length=PROMPT_TOKENS, t5_length=PROMPT_TOKENS)
     tok_l = CLIPTokenizer.from_pretrained(folders.clip_l)
     tok_g = CLIPTokenizer.from_pretrained(folders.clip_g)
     tok_t5 = T5TokenizerFast.from_pretrained(folders.t5)

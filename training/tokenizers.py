@@ -252,13 +252,25 @@ class TokenizerFolders:
     t5: Path  # tokenizer_3/
 
 
-def save_tokenizers(folder: str | Path, texts: Sequence[str] | None = None) -> TokenizerFolders:
+def save_tokenizers(
+    folder: str | Path,
+    texts: Sequence[str] | None = None,
+    *,
+    clip_length: int = CLIP_MAX_LENGTH,
+    t5_length: int = T5_MAX_LENGTH,
+) -> TokenizerFolders:
     """Save SD3's three tokenizers, trained on ``texts`` (default :func:`caption_corpus`), into
-    ``folder/tokenizer``, ``folder/tokenizer_2`` and ``folder/tokenizer_3``."""
+    ``folder/tokenizer``, ``folder/tokenizer_2`` and ``folder/tokenizer_3``.
+
+    ``clip_length`` / ``t5_length``: their ``model_max_length``, the number of tokens the pipelines pad the
+    prompt to (CLIP) and the longest T5 sequence they accept (and default to, when below the pipeline's).
+    """
     folder = Path(folder)
     texts = caption_corpus() if texts is None else list(texts)
     return TokenizerFolders(
-        clip_l=save_clip_tokenizer(folder / "tokenizer", texts),
-        clip_g=save_clip_tokenizer(folder / "tokenizer_2", texts, pad_token="!"),
-        t5=save_t5_tokenizer(folder / "tokenizer_3", texts),
+        clip_l=save_clip_tokenizer(folder / "tokenizer", texts, model_max_length=clip_length),
+        clip_g=save_clip_tokenizer(
+            folder / "tokenizer_2", texts, pad_token="!", model_max_length=clip_length
+        ),
+        t5=save_t5_tokenizer(folder / "tokenizer_3", texts, model_max_length=t5_length),
     )

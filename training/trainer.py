@@ -195,8 +195,12 @@ class StepResult:
 def sample_draws(
     seeds: torch.Tensor, shape: tuple[int, ...], objective: Any, encoders: tuple[str, ...]
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Per sample, from its own generator: t [B] (scheme, then shift), dropout flags, noise [B, *shape]."""
-    ts, drops, noises = [], [], []
+    """Per sample, from its own generator: t [B] (scheme, then shift), noise [B, *shape], dropout flags.
+
+    ``caption_dropout``: ``{encoder: p}`` or ``{all: p}`` drop each encoder independently; ``{joint: p}`` also
+    drops all of a sample's encoders together with probability ``p``.
+    """
+    ts, drops, noises, joints = [], [], [], []
     for seed in seeds.tolist():
         g = torch.Generator().manual_seed(int(seed))
         t = sample_t(
@@ -206,11 +210,15 @@ def sample_draws(
         ts.append(shift_t(t, objective.shift) if objective.shift != 1.0 else t)
         drops.append(torch.rand(len(encoders), generator=g))
         noises.append(torch.randn(shape, generator=g))
+        if "joint" in objective.caption_dropout:  # drawn last, so configs without it keep their draws
+            joints.append(torch.rand(1, generator=g))
     drop = torch.stack(drops)  # [B, E]
     p = torch.tensor(
         [objective.caption_dropout.get(n, objective.caption_dropout.get("all", 0.0)) for n in encoders]
     )
     flags = drop < p
+    if joints:  # every encoder of the sample empty at once: the unconditional case that CFG uses
+        flags |= torch.stack(joints) < objective.caption_dropout["joint"]
     return torch.cat(ts), torch.stack(noises), {n: flags[:, i] for i, n in enumerate(encoders)}
 
 
@@ -492,11 +500,11 @@ def train(
         text_layout, encoders = conditioner.layout, conditioner.names
         empty = conditioner.encode_text([""])
     empty = {n: {k: v.to(acc.device) for k, v in kinds.items()} for n, kinds in empty.items()}
-    unknown = set(cfg.objective.caption_dropout) - set(encoders) - {"all"}
+    unknown = set(cfg.objective.caption_dropout) - set(encoders) - {"all", "joint"}
     if unknown:
         raise ValueError(
             f"objective.caption_dropout names {sorted(unknown)}; the text encoders are {', '.join(encoders)} "
-            "(or 'all')"
+            "(or 'all' for each of them, 'joint' for all of them at once)"
         )
     ctx = Context(
         acc, model, optimizer, scheduler, cfg, state, text_layout, encoders, empty, conditioner, ema
