@@ -17,7 +17,7 @@ PROMPTS = [
     "a large red circle on the left",
     "a small cyan square above a large orange triangle on a black background",
 ]
-T5_TOKENS = 32  # what the model was trained with (training/tiny_shapes.yaml)
+T5_TOKENS = 32  # what the model was trained with (training/tiny_shapes.yaml), recorded in its tokenizers
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,16 @@ def test_default_path_loads_the_shipped_model(pipe):
     assert pipe.family == "sd3"
     assert pipe.transformer.config.hidden_size == config["num_attention_heads"] * config["attention_head_dim"]
     assert pipe.transformer.config.depth == config["num_layers"]
-    image = pipe(PROMPTS[0], steps=2, seed=0, progress=False, max_sequence_length=T5_TOKENS)
+    image = pipe(PROMPTS[0], steps=2, seed=0, progress=False)
     assert image.size == (64, 64)
+
+
+def test_prompts_default_to_the_trained_length(pipe):
+    """CLIP pads to 32 tokens, not 77, and T5 defaults to 32, not 256: the layout the model was trained on."""
+    embeds = pipe.encode_prompt(PROMPTS)
+    assert embeds.txt.shape[1] == T5_TOKENS + T5_TOKENS
+    with pytest.raises(ValueError, match=r"max_sequence_length must be an integer in \[1, 32\]"):
+        pipe.encode_prompt(PROMPTS, max_sequence_length=256)
 
 
 def test_diffusers_loads_the_folder_and_makes_the_same_images(pipe):
@@ -81,10 +89,7 @@ MIN_ACCURACY = 0.5  # measured 0.53 (19 of 36 checks; background 6/6, shape 0/6)
 def test_simple_captions_pass_the_evaluator(pipe):
     from mmdit_flow.training import evaluator
 
-    images = pipe(
-        SIMPLE, steps=28, guidance=4.0, seed=list(range(len(SIMPLE))), progress=False,
-        max_sequence_length=T5_TOKENS,
-    )  # fmt: skip
+    images = pipe(SIMPLE, steps=28, guidance=4.0, seed=list(range(len(SIMPLE))), progress=False)
     result = evaluator.evaluate(images, SIMPLE)
     assert result.overall >= MIN_ACCURACY, result.per_attribute
 

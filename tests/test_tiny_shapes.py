@@ -147,6 +147,23 @@ def test_committed_tokenizers_cover_heldout_captions(stack):
         assert words == [c.replace(" ", "") for c in captions]
 
 
+def test_committed_tokenizers_record_the_prompt_length(stack, tmp_path):
+    """model_max_length 32 in all three (what the model was trained with), as the recipe writes it, and
+    the longest captions of both splits fit in it with their special tokens."""
+    from mmdit_flow.training import tokenizers
+
+    assert [tok.model_max_length for tok in stack.tokenizers] == [tiny_shapes.PROMPT_TOKENS] * 3
+    built = tokenizers.save_tokenizers(tmp_path, clip_length=tiny_shapes.PROMPT_TOKENS, t5_length=32)
+    folders = (built.clip_l, built.clip_g, built.t5)
+    for name, folder in zip(("tokenizer", "tokenizer_2", "tokenizer_3"), folders, strict=True):
+        for path in sorted(folder.iterdir()):
+            assert path.read_bytes() == (FOLDER / name / path.name).read_bytes(), f"{name}/{path.name}"
+    scenes = shapes.heldout_scenes(300, seed=3) + shapes.train_scenes(300, seed=3)
+    captions = [shapes.caption(s) for s in scenes]
+    for tok in stack.tokenizers:
+        assert max(len(row) for row in tok(captions).input_ids) <= tiny_shapes.PROMPT_TOKENS
+
+
 # ----------------------------------------------------------------------------------------------- probe
 
 
