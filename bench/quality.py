@@ -8,6 +8,7 @@ right. Reported:
 * the headline: ``--steps`` Euler steps with classifier-free guidance ``--guidance``, per attribute;
 * accuracy against the number of steps (at ``--guidance``) and against the guidance scale (at ``--steps``);
 * the same headline on training-split captions (the first images the model was trained on);
+* the gain of each guidance scale over none (guidance 1) with a paired 95% bootstrap interval over images;
 * two references: the evaluator on the ground-truth renders of the same captions (its ceiling) and on
   mismatched captions (chance).
 
@@ -166,6 +167,13 @@ def main() -> None:
         row(accuracy("sweep", args.steps, g), steps=args.steps, guidance=g)
         for g in map(float, filter(None, args.guidance_list.split(",")))
     ]
+    # Paired bootstrap (same captions and seeds): is guidance g measurably better than none (g = 1)?
+    report["guidance_gain"] = []
+    if report["vs_guidance"]:
+        none = accuracy("sweep", args.steps, 1.0)
+        for g in (r["guidance"] for r in report["vs_guidance"] if r["guidance"] != 1.0):
+            diff, low, high = evaluator.bootstrap_difference(accuracy("sweep", args.steps, g), none)
+            report["guidance_gain"].append({"guidance": g, "gain": diff, "ci95": [low, high]})
     report["train_split"] = None
     if args.n_train:
         result = accuracy("train", args.steps, args.guidance)
@@ -201,6 +209,13 @@ def main() -> None:
         print("|---|" + "---|" * len(rows))
         print("| overall | " + " | ".join(pct(r["overall"]) for r in rows) + " |")
         print("| all right | " + " | ".join(pct(r["all_correct"]) for r in rows) + " |\n")
+    if report["guidance_gain"]:
+        print("| guidance vs none (paired, 95% bootstrap interval) | gain in overall accuracy |")
+        print("|---|---|")
+        for r in report["guidance_gain"]:
+            gain, low, high = (100 * v for v in (r["gain"], *r["ci95"]))
+            print(f"| {r['guidance']:g} vs 1 | {gain:+.1f} points [{low:+.1f}, {high:+.1f}] |")
+        print()
     print(f"wall time {report['seconds']:.0f} s ({args.threads} threads)")
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -200,3 +200,18 @@ def test_eval_command(tmp_path, capsys):
     out = json.loads((tmp_path / "s.json").read_text())
     assert out["all_correct"] == pytest.approx(11 / 12) and out["per_image"][0]["color"][0] is False
     assert main(["eval", str(tmp_path / "missing")]) == 2
+
+
+def test_bootstrap_difference(scenes, images):
+    """Same results: 0 with a zero-width interval; truth vs mismatched captions: the exact gap, interval
+    around it and clear of 0; unpaired inputs are refused."""
+    captions = [S.caption(s) for s in scenes]
+    true = E.evaluate(images, captions)
+    assert E.bootstrap_difference(true, true) == (0.0, 0.0, 0.0)
+    shuffled = E.evaluate(images, captions[1:] + captions[:1])
+    diff, low, high = E.bootstrap_difference(true, shuffled)
+    assert diff == pytest.approx(true.overall - shuffled.overall, abs=1e-12)
+    assert 0 < low < diff < high
+    assert high - low < 0.2  # 300 images pin a gap of ~0.6 down to a few points
+    with pytest.raises(ValueError, match="paired results needed"):
+        E.bootstrap_difference(true, E.summarize(shuffled.per_image[:10]))

@@ -414,3 +414,30 @@ def chance_level(scenes: Sequence[shapes.Scene], shift: int = 1) -> EvalResult:
             for i in range(n)
         ]
     )
+
+
+def bootstrap_difference(
+    a: EvalResult, b: EvalResult, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
+    """Overall accuracy of ``a`` minus that of ``b`` with a paired bootstrap interval over images.
+
+    ``a`` and ``b`` must score the same captions in the same order (for example one setting against
+    another on the same seeds). Images are resampled together, so caption difficulty cancels out; the
+    difference is "measurable" when the interval excludes 0. Returns (difference, low, high).
+    """
+    if a.n_images != b.n_images or not a.per_image:
+        raise ValueError(
+            f"paired results needed: got {a.n_images} and {b.n_images} images; score the same captions"
+        )
+
+    def counts(result: EvalResult) -> tuple[np.ndarray, np.ndarray]:
+        right = np.array([sum(r for v in c.values() for r in v) for c in result.per_image], dtype=float)
+        total = np.array([sum(len(v) for v in c.values()) for c in result.per_image], dtype=float)
+        return right, total
+
+    (ra, ta), (rb, tb) = counts(a), counts(b)
+    idx = np.random.default_rng(seed).integers(0, len(ta), size=(n_boot, len(ta)))
+    boots = ra[idx].sum(1) / ta[idx].sum(1) - rb[idx].sum(1) / tb[idx].sum(1)
+    tail = (1 - level) / 2
+    low, high = np.quantile(boots, [tail, 1 - tail])
+    return float(ra.sum() / ta.sum() - rb.sum() / tb.sum()), float(low), float(high)
