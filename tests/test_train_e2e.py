@@ -93,3 +93,25 @@ def test_finetune_cached_equals_uncached_and_exports(setup):
         original = start(x, t, txt, vec)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert (b - original).abs().max() > 1e-4  # the export holds the fine-tuned weights
+
+
+def test_cache_fingerprint_follows_the_component_files(tmp_path):
+    """A cache is rebuilt when a tokenizer or encoder changes in place, not when the transformer does."""
+    from mmdit_flow.training.cache import fingerprint
+    from mmdit_flow.training.config import config_from_dict
+
+    folder = tmp_path / "pipe"
+    for name, text in {"tokenizer/tokenizer_config.json": '{"model_max_length": 77}',
+                       "vae/diffusion_pytorch_model.safetensors": "x" * 100,
+                       "transformer/diffusion_pytorch_model.safetensors": "y" * 100}.items():  # fmt: skip
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    cfg = config_from_dict({"model": {"preset": "tiny"}, "data": {"path": "imgs"}})
+    before = fingerprint(cfg, [], str(folder))
+    (folder / "transformer/diffusion_pytorch_model.safetensors").write_text("z" * 200)
+    assert fingerprint(cfg, [], str(folder)) == before
+    (folder / "tokenizer/tokenizer_config.json").write_text('{"model_max_length": 32}')
+    changed = fingerprint(cfg, [], str(folder))
+    assert changed != before
+    (folder / "vae/diffusion_pytorch_model.safetensors").write_text("x" * 101)
+    assert fingerprint(cfg, [], str(folder)) != changed

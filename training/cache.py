@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 HELP = "precompute VAE latents and text embeddings for a training config (reused by `train`)"
 INDEX = "index.json"
 EMPTY = "empty.safetensors"
-VERSION = 1
+VERSION = 2  # 2: the fingerprint also hashes the component files
 
 TextParts = dict[str, dict[str, "torch.Tensor"]]  # encoder name -> {"hidden": [B, L, W], "pooled": [B, P]}
 
@@ -158,8 +158,28 @@ def fingerprint(config: TrainConfig, records: list[Any], components: str) -> dic
         "max_aspect": d.max_aspect,
         "background": list(d.background),
         "components": str(Path(components).resolve()),
+        "component_files": components_digest(components),
         "max_sequence_length": config.model.max_sequence_length,
     }
+
+
+SMALL_FILE = 1 << 20  # hashed by content below this size; larger ones (weights) by size and mtime
+
+
+def components_digest(folder: str | Path) -> str:
+    """A hash of what the encoders and the VAE of a pipeline folder compute from: every file outside
+    ``transformer/`` (configs and tokenizers by content, weights by size and modification time), so that a
+    cache is rebuilt when, say, a tokenizer's ``model_max_length`` or a VAE changes at the same path."""
+    root = Path(folder)
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root)
+        if rel.parts[0] == "transformer":
+            continue
+        st = path.stat()
+        h.update(f"{rel.as_posix()}|{st.st_size}|".encode())
+        h.update(path.read_bytes() if st.st_size < SMALL_FILE else str(st.st_mtime_ns).encode())
+    return h.hexdigest()
 
 
 def _flatten(parts: TextParts, prefix: str = "") -> dict[str, torch.Tensor]:
