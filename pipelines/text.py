@@ -121,6 +121,13 @@ def check_max_sequence_length(max_sequence_length: int, limit: int) -> None:
         )
 
 
+def sequence_length(requested: int | None, default: int, limit: int) -> int:
+    """The T5 length to encode: ``requested`` (checked against ``limit``), or ``default`` capped at it."""
+    n = min(default, limit) if requested is None else requested
+    check_max_sequence_length(n, limit)
+    return n
+
+
 class SD3TextEncoder:
     """CLIP-L + CLIP-G (+ optional T5) as SD3 / SD3.5 use them."""
 
@@ -133,12 +140,7 @@ class SD3TextEncoder:
 
     def encode(self, prompts: list[str], max_sequence_length: int | None = None) -> PromptEmbeds:
         """txt = [pad_D(L_hidden ++ G_hidden) ; T5] [B, 77 + n, D]; vec = L_pooled ++ G_pooled [B, P]."""
-        n = (
-            min(self.default_max_sequence_length, self.limit)
-            if max_sequence_length is None
-            else max_sequence_length
-        )
-        check_max_sequence_length(n, self.limit)
+        n = sequence_length(max_sequence_length, self.default_max_sequence_length, self.limit)
         hidden_l, pooled_l = self.clip_l.encode(prompts)
         hidden_g, pooled_g = self.clip_g.encode(prompts)
         hidden_g = hidden_g.to(hidden_l)
@@ -164,11 +166,6 @@ class FluxTextEncoder:
 
     def encode(self, prompts: list[str], max_sequence_length: int | None = None) -> PromptEmbeds:
         """txt = T5 [B, max_sequence_length, D]; vec = CLIP pooled [B, P]."""
-        n = (
-            min(self.default_max_sequence_length, self.limit)
-            if max_sequence_length is None
-            else max_sequence_length
-        )
-        check_max_sequence_length(n, self.limit)
+        n = sequence_length(max_sequence_length, self.default_max_sequence_length, self.limit)
         _, pooled = self.clip.encode(prompts, hidden=False)
         return PromptEmbeds(self.t5.encode(prompts, n), pooled)
