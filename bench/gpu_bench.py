@@ -44,9 +44,11 @@ PEAK_TFLOPS = 989.0  # H200 / H100 SXM dense bf16
 def sd3_flops(c, n_img: int, n_txt: int, batch: int = 1) -> float:
     """Matmul + attention FLOPs of one SD3 forward (2 per multiply-add; norms and pointwise ops left out).
 
-    Per joint block and stream of n tokens: qkv 6 n D^2, output projection 2 n D^2, MLP 16 n D^2 (the last
-    block's text stream: qkv only); the joint attention 4 N^2 D over N = n_img + n_txt; an MMDiT-X block adds
-    an image-only attention (8 n D^2 + 4 n_img^2 D). Plus the embedders, the modulations and the final layer.
+    Per joint block and stream of n tokens: qkv 6 n D^2, output projection 2 n D^2, MLP 16 n D^2; the joint
+    attention 4 N^2 D over N = n_img + n_txt; an MMDiT-X block adds an image-only attention (8 n D^2 +
+    4 n_img^2 D). The last block's text stream only supplies keys and values (4 n_txt D^2) and only image
+    queries attend (4 n_img N D): its text outputs are discarded, and ours skips them (diffusers computes
+    them; both are credited with this useful work). Plus the embedders, the modulations and the final layer.
     """
     D, N = c.hidden_size, n_img + n_txt
     p2c = c.patch_size**2
@@ -54,7 +56,7 @@ def sd3_flops(c, n_img: int, n_txt: int, batch: int = 1) -> float:
     flops += 2 * (256 * D + D * D + c.vec_dim * D + D * D)  # timestep and pooled-text MLPs (per sample)
     for i in range(c.depth):
         last = i == c.depth - 1
-        flops += 24 * n_img * D * D + (6 if last else 24) * n_txt * D * D + 4 * N * N * D
+        flops += 24 * n_img * D * D + (4 if last else 24) * n_txt * D * D + 4 * (n_img if last else N) * N * D
         flops += 2 * D * D * ((9 if i in c.dual_attention_layers else 6) + (2 if last else 6))  # modulations
         if i in c.dual_attention_layers:
             flops += 8 * n_img * D * D + 4 * n_img * n_img * D
@@ -115,13 +117,17 @@ def flux_flops(c, n_img: int, n_txt: int, batch: int = 1) -> float:
     per stream of n tokens (qkv 3, output projection 1, MLP 8) and a single block 12 N D^2 (linear1 D -> 3 D
     + M, linear2 D + M -> D); every block's joint attention costs 2 N^2 D (q k^T and p v). Per sample: the
     modulations (6 D^2 per stream of a double block, 3 D^2 per single block, 2 D^2 in the final layer) and
-    the timestep / guidance / pooled-text MLPs. Plus the image, text and output projections.
+    the timestep / guidance / pooled-text MLPs. Plus the image, text and output projections. The last single
+    block's text rows only supply keys and values (2 n_txt D^2) and only image queries attend (2 n_img N D):
+    their outputs are discarded, and ours skips them (both implementations are credited with this work).
     """
     D, N, M = c.hidden_size, n_img + n_txt, int(4 * c.hidden_size)
     macs = n_img * 4 * c.in_channels * D + n_txt * c.context_dim * D  # img_in on packed 2x2 patches, txt_in
     macs += (256 * D + D * D) * (2 if c.guidance_embed else 1) + c.vec_dim * D + D * D  # time/guidance/vec
     macs += c.depth * (N * (3 * D * D + D * D + 2 * D * M) + 2 * 6 * D * D + 2 * N * N * D)
-    macs += c.depth_single * (N * (D * (3 * D + M) + (D + M) * D) + 3 * D * D + 2 * N * N * D)
+    single = N * (D * (3 * D + M) + (D + M) * D) + 3 * D * D + 2 * N * N * D
+    last_single = n_img * (D * (3 * D + M) + (D + M) * D) + n_txt * 2 * D * D + 3 * D * D + 2 * n_img * N * D
+    macs += (c.depth_single - 1) * single + last_single if c.depth_single else 0
     macs += 2 * D * D + n_img * D * 4 * c.out_channels  # final modulation and projection
     return float(2 * batch * macs)
 
@@ -146,22 +152,14 @@ def flux_models(depth: int | None, smoke: bool, device: torch.device, dtype: tor
     """
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
-    from mmdit_flow.models.flux import PRESETS, FluxConfig, FluxTransformer, position_ids
+    from mmdit_flow.models.flux import PRESETS, FluxTransformer, position_ids
     from mmdit_flow.weights.flux_keys import config_to_diffusers, from_diffusers
 
     if smoke:
-        config = FluxConfig(
-            in_channels=4,
-            out_channels=4,
-            hidden_size=64,
-            num_heads=2,
-            depth=2,
-            depth_single=2,
-            context_dim=32,
-            vec_dim=16,
-            axes_dim=(4, 14, 14),
-        )
-        latent, n_txt = 16, 12
+        from flux_transformer_case import SIZES  # bench/flux_transformer_case.py, the CPU benchmark's sizes
+
+        config, size = SIZES["tiny"]
+        latent, n_txt = size["height"], size["txt_len"]
     else:
         config = PRESETS["flux-dev"]
         latent, n_txt = 128, 512  # 1024^2 images; FLUX.1-dev's 512 T5 tokens
