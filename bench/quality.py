@@ -108,6 +108,9 @@ def main() -> None:
     parser.add_argument("--steps-list", default="1,2,4,8,16,28", help="'' skips the sweep")
     parser.add_argument("--guidance-list", default="1,2,4,7", help="'' skips the sweep")
     parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (pipeline default)")
+    parser.add_argument(
+        "--shift", type=float, default=None, help="sampling shift instead of the scheduler config's"
+    )
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
@@ -118,6 +121,8 @@ def main() -> None:
     start = time.perf_counter()
 
     pipe = TextToImagePipeline.from_pretrained(args.model, device="cpu", dtype=torch.float32)
+    if args.shift is not None:
+        pipe.components.scheduler_config["shift"] = args.shift
     held = shapes.heldout_scenes(args.n)
     n_sweep = min(args.n_sweep, args.n)
     sets = {"heldout": held, "sweep": held[:n_sweep]}
@@ -149,6 +154,7 @@ def main() -> None:
         "n_sweep": n_sweep,
         "n_train": args.n_train,
         "max_sequence_length": args.max_sequence_length,
+        "shift": pipe.components.scheduler_config.get("shift", 1.0),
     }
     report["reference"] = {
         "ground_truth_renders": evaluator.evaluate(
