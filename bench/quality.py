@@ -31,6 +31,16 @@ import numpy as np
 import torch
 
 
+def encode_with_empty(pipe, captions: list[str], max_sequence_length: int | None = None):
+    """(captions' prompt embeddings, the empty prompt's expanded to as many): CFG's two branches."""
+    from mmdit_flow.pipelines.text import PromptEmbeds
+
+    cond = pipe.encode_prompt(captions, max_sequence_length)
+    empty = pipe.encode_prompt([""], max_sequence_length)
+    n = len(captions)
+    return cond, PromptEmbeds(empty.txt.expand(n, -1, -1), empty.vec.expand(n, -1))
+
+
 def generate(
     pipe, cond, uncond, steps: int, guidance: float, seeds: list[int], batch: int
 ) -> list[np.ndarray]:
@@ -91,7 +101,6 @@ def row(result, **setting) -> dict:
 
 def main() -> None:
     from mmdit_flow.pipelines import TextToImagePipeline
-    from mmdit_flow.pipelines.text import PromptEmbeds
     from mmdit_flow.training import evaluator, shapes
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -129,12 +138,9 @@ def main() -> None:
     if args.n_train:
         sets["train"] = shapes.train_scenes(args.n_train)
     captions = {k: [shapes.caption(s) for s in v] for k, v in sets.items()}
-    embeds = {k: pipe.encode_prompt(v, args.max_sequence_length) for k, v in captions.items()}
-    empty = pipe.encode_prompt([""], args.max_sequence_length)
-    uncond = {
-        k: PromptEmbeds(empty.txt.expand(len(v), -1, -1), empty.vec.expand(len(v), -1))
-        for k, v in captions.items()
-    }
+    embeds, uncond = {}, {}
+    for k, v in captions.items():
+        embeds[k], uncond[k] = encode_with_empty(pipe, v, args.max_sequence_length)
     seeds = {k: [args.seed + i for i in range(len(v))] for k, v in captions.items()}
     cache: dict[tuple, object] = {}
 

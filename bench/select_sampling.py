@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from quality import generate
+from quality import encode_with_empty, generate
 
 
 def floats(text: str) -> list[float]:
@@ -32,7 +32,6 @@ def floats(text: str) -> list[float]:
 
 def main() -> None:
     from mmdit_flow.pipelines import TextToImagePipeline
-    from mmdit_flow.pipelines.text import PromptEmbeds
     from mmdit_flow.training import evaluator, shapes, ship
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -65,9 +64,7 @@ def main() -> None:
     if len(reference) != 2:
         raise SystemExit(f"--reference takes SHIFT,GUIDANCE, got {args.reference}")
     captions = [shapes.caption(shapes.scene_at(args.offset + i, split="train")) for i in range(args.n)]
-    cond = pipe.encode_prompt(captions)
-    empty = pipe.encode_prompt([""])
-    uncond = PromptEmbeds(empty.txt.expand(args.n, -1, -1), empty.vec.expand(args.n, -1))
+    cond, uncond = encode_with_empty(pipe, captions)
     seeds = [args.seed + i for i in range(args.n)]
 
     results = {}
