@@ -26,20 +26,23 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/mmdit-flow-bench}"
+# python3 by default: some images (the H200's) have no `python`, and a `python` symlinked to a virtual
+# environment's python3 from outside it loses that environment's packages
+PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
 export OUT
 {
   date -u
   git rev-parse --short HEAD 2>/dev/null || true
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>/dev/null || true
-  python -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__)"
+  "$PY" -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__)"
   failed=()
   for case in sd3 flux pipeline; do
     echo "=== $case ($(date -u +%H:%M:%S))"
-    python bench/gpu_bench.py --family "$case" "$@" || failed+=("$case")
+    "$PY" bench/gpu_bench.py --family "$case" "$@" || failed+=("$case")
   done
   echo "=== summary ($(date -u +%H:%M:%S))"
-  python bench/gpu_bench.py --summary --out "$OUT"
+  "$PY" bench/gpu_bench.py --summary --out "$OUT"
   if [ ${#failed[@]} -gt 0 ]; then
     echo "FAILED: ${failed[*]}"
     exit 1
