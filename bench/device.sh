@@ -16,11 +16,12 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/mmdit-flow-device}"
 mkdir -p "$OUT"
 END=$(( $(date +%s) + ${BUDGET_S:-480} ))
-# batch 256 at 3000 steps: 768 000 samples, about the CPU recipe's 800 000 (25 000 x 32)
+# batch 256 at 3000 steps: 768 000 samples, about the CPU recipe's 800 000 (25 000 x 32); the recipe's
+# training shift (3) unless a variant sets another
 BASE="data.batch_size=256 data.num_workers=2 optimizer.lr=2e-3 schedule.max_steps=3000 ema.decay=0.998"
 SWEEP=("${PYTHON:-python3}" bench/sweep.py --work /tmp/sweep --json "$OUT/sweep.json"
   --variant base "$BASE"
-  --variant shift3 "$BASE objective.shift=3"
+  --variant shift5 "$BASE objective.shift=5"
   --variant wide_shallow "$BASE model.overrides.hidden_size=160 model.overrides.depth=4"
   --variant data50k "$BASE images=50000"
   --variant h256 "$BASE model.overrides.hidden_size=256 model.overrides.num_heads=4"

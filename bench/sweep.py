@@ -1,23 +1,24 @@
 """Train recipe variants of the tiny-shapes model side by side on one GPU and score each on the same captions.
 
-A small model trains launch-bound on a GPU: a step of batch 32 costs about what a step of batch 256 does, and
-one process leaves most of the device idle. So this runs every variant as its own training process at once
-(``python -m mmdit_flow.training`` with the variant's overrides on ``training/tiny_shapes.yaml``), all on
-one prepared data cache, then ships each run with ``ship assemble`` and scores it with the classical
+A small model's training step on a GPU should cost mostly launch overhead (expected, not yet measured: a
+batch-1 step of the tiny-shapes model takes 37 ms on this project's CPU), so one process would leave most of
+the device idle. So this runs every variant as its own training process at once (``python -m
+mmdit_flow.training`` with the variant's overrides on ``training/tiny_shapes.yaml``), on prepared data caches
+(one per training-set size), then ships each run with ``ship assemble`` and scores it with the classical
 evaluator on the validation captions (``bench/select_sampling.py``'s: training-split scenes just past the
 training data, which choose between variants) and on the held-out captions (reported, never used to choose).
 Each variant is compared with the first one by a paired bootstrap over the validation images.
 
     python bench/sweep.py --work /tmp/sweep --json sweep.json \\
         --variant base "data.batch_size=256 optimizer.lr=2e-3 schedule.max_steps=3000" \\
-        --variant shift3 "data.batch_size=256 optimizer.lr=2e-3 schedule.max_steps=3000 objective.shift=3"
+        --variant shift5 "data.batch_size=256 optimizer.lr=2e-3 schedule.max_steps=3000 objective.shift=5"
 
 A variant's ``images=N`` (not a config key) trains on the first N training-split scenes instead of the
 recipe's 10 000; the validation scenes then start after the largest N of the sweep. ``--end-by`` (Unix time)
-bounds the whole run: training stops ``--eval-reserve`` seconds before it (each
-unfinished run is sent SIGTERM, saves a checkpoint and is scored from its newest checkpoint's EMA weights; the
-report says how many steps each one reached). A variant whose overrides set ``objective.shift`` is sampled
-at that shift. ``--smoke`` runs the whole flow on the CPU at toy sizes (a few steps, 8 captions).
+bounds the whole run: training stops ``--eval-reserve`` seconds before it (each unfinished run is sent
+SIGTERM, saves a checkpoint and is scored from its newest checkpoint's EMA weights; the report says how many
+steps each one reached). Each variant is sampled at the shift it trained with
+(``objective.shift``). ``--smoke`` runs the whole flow on the CPU at toy sizes (a few steps, 8 captions).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def overrides_of(text: str) -> dict[str, str]:
 def main() -> None:
     from mmdit_flow.pipelines import TextToImagePipeline
     from mmdit_flow.training import evaluator, shapes, ship
+    from mmdit_flow.training.config import load_config
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="scratch folder (data, cache, runs, models)")
@@ -94,6 +96,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     components = args.components.resolve()
     config = str(ship.CONFIG)
+    recipe_shift = load_config(ship.CONFIG).objective.shift  # sampled at the shift it trained with
     start = time.time()
     report: dict = {"variants": {}, "device": args.device, "started": start}
 
@@ -178,7 +181,7 @@ def main() -> None:
         if entry["steps"] == 0 and not entry["finished"]:
             entry["error"] = f"no checkpoint; see {name}.log"
             continue
-        shift = float(pairs.get("objective.shift", ship.SHIFT))
+        shift = float(pairs.get("objective.shift", recipe_shift))
         if "run_dir" not in entry:
             continue
         folder = work / "models" / name
