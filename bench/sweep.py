@@ -93,6 +93,8 @@ def main() -> None:
         raise SystemExit(f"variant names must differ, got {names}")
     variants = {n: overrides_of(o) for n, o in args.variant}
     work = args.work.resolve()
+    # one scratch folder per training-set size: the config's paths are relative to it
+    roots = {n: work / f"d{images_of(p, args.smoke)}" for n, p in variants.items()}
     work.mkdir(parents=True, exist_ok=True)
     components = args.components.resolve()
     config = str(ship.CONFIG)
@@ -107,7 +109,7 @@ def main() -> None:
         print(f"[{time.time() - start:6.0f} s] {msg}", flush=True)
 
     sizes = sorted({images_of(p, args.smoke) for p in variants.values()})
-    for size in sizes:  # one scratch folder per training-set size: the config's paths are relative to it
+    for size in sizes:
         root = work / f"d{size}"
         root.mkdir(exist_ok=True)
         if not (root / "runs/tiny-shapes/data/train/metadata.jsonl").is_file():
@@ -127,13 +129,13 @@ def main() -> None:
     procs, logs = {}, {}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     for name, pairs in variants.items():
-        root = work / f"d{images_of(pairs, args.smoke)}"
         cmd = [sys.executable, "-m", "mmdit_flow.training", config, *smoke,
                *[f"{k}={v}" for k, v in pairs.items() if k != "images"], f"output.dir=runs/{name}",
                "output.checkpoint_every=250", "output.keep_checkpoints=1",
                "output.progress=false"]  # fmt: skip
         logs[name] = open(work / f"{name}.log", "w")  # noqa: SIM115 - closed when the runs end
-        procs[name] = subprocess.Popen(cmd, cwd=root, env=env, stdout=logs[name], stderr=subprocess.STDOUT)
+        out = logs[name]
+        procs[name] = subprocess.Popen(cmd, cwd=roots[name], env=env, stdout=out, stderr=subprocess.STDOUT)
         report["variants"][name] = {"overrides": pairs, "command": shlex.join(cmd[1:])}
     log(f"training {len(procs)} variants: {', '.join(procs)}")
     train_start = time.time()
@@ -157,7 +159,7 @@ def main() -> None:
         f.close()
     for name, p in procs.items():
         entry = report["variants"][name]
-        run_dir = work / f"d{images_of(variants[name], args.smoke)}" / "runs" / name
+        run_dir = roots[name] / "runs" / name
         entry.update(returncode=p.returncode, steps=newest_step(run_dir), run_dir=str(run_dir))
         entry["finished"] = (run_dir / "final").exists()
         entry["train_seconds"] = ended.get(name, time.time()) - train_start
@@ -182,8 +184,6 @@ def main() -> None:
             entry["error"] = f"no checkpoint; see {name}.log"
             continue
         shift = float(pairs.get("objective.shift", recipe_shift))
-        if "run_dir" not in entry:
-            continue
         folder = work / "models" / name
         try:
             latest = [] if entry["finished"] else ["--checkpoint", "latest"]
