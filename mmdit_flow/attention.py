@@ -5,6 +5,10 @@ Glossary: ``q``, ``k``, ``v`` are [B, H, L, D] (batch, heads, tokens, head dim);
 Backends:
 - ``"sdpa"`` (default): ``torch.nn.functional.scaled_dot_product_attention``, which picks flash or
   memory-efficient kernels on CUDA by itself.
+- ``"math"``: q k^T and its product with v as plain matmuls in the inputs' dtype, the softmax in fp32.
+  For short sequences on the CPU this is the fastest: in bf16 training of the tiny-shapes model (128
+  tokens, head dim 64) a step is 1.44x faster than with ``"sdpa"``, whose CPU flash kernel spends most of
+  the backward pass on bookkeeping (bench numbers in docs/benchmarks.md). Memory grows with L^2.
 - ``"xformers"``: xformers' memory-efficient attention, imported lazily; CUDA tensors only.
 - ``"reference"``: plain softmax(q k^T / sqrt(D)) v in fp32, kept for tests.
 """
@@ -16,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("sdpa", "xformers", "reference")
+BACKENDS = ("sdpa", "math", "xformers", "reference")
 
 
 def check_backend(backend: str) -> str:
@@ -38,6 +42,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     B, H, L, D = q.shape
     if backend == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v)  # [B, H, L, D]
+        return out.transpose(1, 2).reshape(B, L, H * D)
+    if backend == "math":
+        scores = (q * (1 / math.sqrt(D))) @ k.transpose(-1, -2)  # [B, H, L, L], the inputs' dtype
+        out = scores.float().softmax(dim=-1).to(v.dtype) @ v
         return out.transpose(1, 2).reshape(B, L, H * D)
     if backend == "xformers":
         if not q.is_cuda:

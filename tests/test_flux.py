@@ -137,7 +137,10 @@ def test_sdpa_equals_reference_attention():
         sdpa = ours(**kw)
         ours.attention_backend = "reference"
         reference = ours(**kw)
+        ours.attention_backend = "math"
+        math = ours(**kw)
     assert rel_err(sdpa, reference) < 1e-5
+    assert rel_err(math, reference) < 1e-5
     with pytest.raises(ValueError, match="sdpa"):
         ours.attention_backend = "flash"
 

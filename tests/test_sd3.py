@@ -112,6 +112,31 @@ def test_attention_backends_agree():
         model.attention_backend = "flash"
 
 
+def test_math_attention_matches_reference_values_and_gradients():
+    """fp32: the "math" backend is the reference to rounding, forward and backward; bf16 under autocast
+    (the training path it exists for): no less accurate than sdpa's bf16 against the fp32 reference."""
+    model = tiny_model(qk_norm="rms_norm", dual_attention_layers=(1,)).train()
+    x, t, txt, vec = inputs(model.config)
+    target = torch.randn_like(x)
+
+    def run(backend: str, bf16: bool = False):
+        model.attention_backend = backend
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(x, t, txt, vec).float()
+        (out - target).pow(2).mean().backward()
+        return out.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    ref_out, ref_grad = run("reference")
+    out, grad = run("math")
+    assert rel_err(out, ref_out) < 1e-5
+    assert rel_err(grad, ref_grad) < 1e-5
+    math_out, math_grad = run("math", bf16=True)
+    sdpa_out, sdpa_grad = run("sdpa", bf16=True)
+    assert 0 < rel_err(math_out, ref_out) < 1.5 * rel_err(sdpa_out, ref_out) + 1e-3
+    assert 0 < rel_err(math_grad, ref_grad) < 1.5 * rel_err(sdpa_grad, ref_grad) + 1e-3
+
+
 def test_gradient_checkpointing_same_loss_and_gradients():
     model = tiny_model(qk_norm="rms_norm", dual_attention_layers=(0,)).train()
     x, t, txt, vec = inputs(model.config)

@@ -47,6 +47,7 @@ def test_yaml_and_overrides(tmp_path):
         ("data.batch_size=1.5", "data.batch_size: expected an integer"),
         ("precision.mixed_precision=fp8", "choose from 'no', 'bf16', 'fp16'"),
         ("data.crop=middle", "data.crop"),
+        ("model.attention_backend=flash", "choose from 'sdpa', 'math', 'xformers', 'reference'"),
         ("data.max_bad_fraction=2", "data.max_bad_fraction must be in [0, 1]"),
         ("model.pretrained=some/folder", "set exactly one of model.preset"),
         ("objective.caption_dropout.t5=1.5", "objective.caption_dropout.t5"),

@@ -58,6 +58,18 @@ def test_resume_is_exact(tmp_path):
         assert repr(a) == repr(b), name
 
 
+def test_attention_backend_from_the_config(tmp_path):
+    """model.attention_backend reaches the model: "math" trains like the fp32 reference, to rounding."""
+    cache = make_cache(tmp_path / "cache")
+    runs = {}
+    for backend in ("reference", "math"):
+        cfg = tiny_config(cache, tmp_path / backend, model={"attention_backend": backend})
+        code, model, runs[backend] = _run(cfg)
+        assert code == 0 and model.attention_backend == backend
+    assert runs["math"] == pytest.approx(runs["reference"], rel=1e-5)
+    assert len(set(runs["math"])) == 4  # four different losses: the weights moved
+
+
 def test_crash_during_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     from accelerate import Accelerator
 

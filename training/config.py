@@ -20,6 +20,7 @@ from typing import Any, Literal, Union
 
 Scheme = Literal["uniform", "logit_normal", "mode", "cosmap"]
 Weighting = Literal["none", "cosmap", "sigma_sqrt"]
+AttentionBackend = Literal["sdpa", "math", "xformers", "reference"]  # mmdit_flow.attention.BACKENDS
 
 
 @dataclass
@@ -30,6 +31,7 @@ class ModelConfig:
     components: str | None = None  # diffusers folder with vae/ and text encoders; defaults to `pretrained`
     max_sequence_length: int = 256  # T5 tokens
     gradient_checkpointing: bool = False
+    attention_backend: AttentionBackend = "sdpa"  # "math": fastest for short sequences on the CPU
 
 
 @dataclass

@@ -469,6 +469,7 @@ def train(
 
     model = model if model is not None else build_model(cfg)
     model = model.float().train()
+    model.attention_backend = cfg.model.attention_backend  # the config decides, for a given model too
     if cfg.lora.rank:
         from mmdit_flow.training.lora import add_lora
 

@@ -241,7 +241,7 @@ def load_transformer(
     load_into(model, resolved.state_dict, strict=True, dtype=dtype, source=resolved.source)
     if device is not None:
         model.to(device)
-    if attention_backend is not None:  # "sdpa" | "xformers" | "reference", checked by the model
+    if attention_backend is not None:  # "sdpa" | "math" | "xformers" | "reference", checked by the model
         model.attention_backend = attention_backend
     return model.eval()
 

@@ -120,7 +120,7 @@ def position_ids(txt_len: int, h: int, w: int, device: torch.device | None = Non
 class FluxTransformer(AttentionBackendMixin, nn.Module):
     """The Flux velocity network v(x, t, txt, vec[, guidance]); see the module docstring for the interface.
 
-    ``attention_backend`` ("sdpa" | "xformers" | "reference") can be changed after construction; set
+    ``attention_backend`` ("sdpa" | "math" | "xformers" | "reference") can be changed after construction; set
     ``gradient_checkpointing = True`` to recompute each block in the backward pass instead of storing it.
     """
 
