@@ -26,10 +26,10 @@ VARIANTS = ("sdpa", "math", "reference")
 
 
 def make_step(overrides: list[str], backend: str):
-    config = load_config(CONFIG, [*overrides, f"model.attention_backend={backend}"])
+    config = load_config(CONFIG, overrides)
     torch.manual_seed(0)
     model = build_model(config)
-    model.attention_backend = backend
+    model.attention_backend = backend  # as the trainer does with model.attention_backend
     c, b = model.config, config.data.batch_size
     g = torch.Generator().manual_seed(1)
     side = c.sample_size

@@ -7,7 +7,7 @@ Backends:
   memory-efficient kernels on CUDA by itself.
 - ``"math"``: q k^T and its product with v as plain matmuls in the inputs' dtype, the softmax in fp32.
   For short sequences on the CPU this is the fastest: in bf16 training of the tiny-shapes model (128
-  tokens, head dim 64) a step is 1.44x faster than with ``"sdpa"``, whose CPU flash kernel spends most of
+  tokens, head dim 64) a step is 1.35x faster than with ``"sdpa"``, whose CPU flash kernel spends most of
   the backward pass on bookkeeping (bench numbers in docs/benchmarks.md). Memory grows with L^2.
 - ``"xformers"``: xformers' memory-efficient attention, imported lazily; CUDA tensors only.
 - ``"reference"``: plain softmax(q k^T / sqrt(D)) v in fp32, kept for tests.
