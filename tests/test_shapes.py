@@ -114,3 +114,44 @@ def test_bad_values_raise_with_choices():
         S.Scene((), "gray")
     with pytest.raises(ValueError, match="position"):
         _scene(("circle", "red", "small", 0.5, 0.5, 0.2))
+
+
+@pytest.mark.parametrize("share", [0.0, 0.3, 0.75, 1.0])
+def test_two_object_share_is_exact_and_spread_evenly(share):
+    counts = S.object_counts(400, share)
+    for n in (40, 400):  # every prefix holds the share to within one scene
+        assert abs(sum(k == 2 for k in counts[:n]) - share * n) <= 1
+    scenes = S.sample_scenes(400, split="train", two_object_share=share)
+    assert [len(s.objects) for s in scenes] == counts
+    assert not any(S.is_heldout(s) for s in scenes)  # the training split stays free of held-out pairs
+    held = S.sample_scenes(50, split="heldout", two_object_share=share)
+    assert all(S.is_heldout(s) for s in held) and [len(s.objects) for s in held] == counts[:50]
+
+
+def test_fixed_object_counts_leave_the_default_stream_alone():
+    default = S.sample_scenes(30, seed=1, split="train")
+    mixed = S.sample_scenes(30, seed=1, split="train", two_object_share=0.75)
+    assert S.sample_scenes(30, seed=1, split="train") == default  # asking for counts changes nothing else
+    counts = S.object_counts(30, 0.75)
+    for i in (4, 5):  # indexable, like the default stream
+        assert S.scene_at(i, seed=1, split="train", objects=counts[i]) == mixed[i]
+    assert sum(a == b for a, b in zip(default, mixed, strict=True)) == 0  # a stream of its own
+    for k in (1, 2):  # every form of a k-object caption is still drawn
+        scenes = S.sample_scenes(300, split="all", two_object_share=k - 1.0)
+        assert {len(s.objects) for s in scenes} == {k}
+        if k == 1:
+            assert {s.position for s in scenes} == set(S.POSITIONS)
+        else:
+            assert {(s.relation, s.phrasing) for s in scenes} == {
+                (r, p) for r in S.RELATIONS for p in S.PHRASINGS
+            }
+
+
+def test_two_object_share_bad_values_say_what_is_allowed(tmp_path):
+    with pytest.raises(ValueError, match=r"two_object_share must lie in \[0, 1\], got 1.5"):
+        S.sample_scenes(3, two_object_share=1.5)
+    with pytest.raises(ValueError, match="objects must be 1, 2 or None"):
+        S.scene_at(0, objects=3)
+    folder = S.write_dataset(tmp_path / "ds", 8, split="train", size=16, two_object_share=0.5)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert [len(r["scene"]["objects"]) for r in rows] == S.object_counts(8, 0.5)

@@ -133,3 +133,16 @@ def test_scheduler_and_index(tmp_path):
     assert FlowMatchEulerDiscreteScheduler.from_pretrained(tmp_path / "scheduler").config.shift == 2.5
     with pytest.raises(ValueError, match="shift must be > 0"):
         ship.write_scheduler(tmp_path, shift=0.0)
+
+
+def test_prepare_writes_the_asked_share_of_two_object_scenes(tmp_path, capsys):
+    from mmdit_flow.training import shapes, ship
+
+    ship.main(["prepare", "--root", str(tmp_path), "--components", str(FOLDER), "--images", "8",
+               "--two-object-share", "0.75"])  # fmt: skip
+    rows = (tmp_path / "data/train/metadata.jsonl").read_text().splitlines()
+    assert [len(json.loads(r)["scene"]["objects"]) for r in rows] == shapes.object_counts(8, 0.75)
+    assert (tmp_path / "components/model_index.json").is_file()
+    with pytest.raises(SystemExit):
+        ship.main(["prepare", "--components", str(FOLDER), "--two-object-share", "2"])
+    assert "expected a number in [0, 1] or 'even', got '2'" in capsys.readouterr().err

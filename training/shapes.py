@@ -29,6 +29,7 @@ on every machine, so a data set can be regenerated or indexed lazily.
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -277,8 +278,8 @@ def _place_two(rng: random.Random, a: tuple, b: tuple, relation: str) -> tuple[O
     raise RuntimeError(f"could not place two objects for relation {relation!r}")  # pragma: no cover
 
 
-def _sample_any(rng: random.Random, heldout_object: bool) -> Scene:
-    n = rng.choice((1, 2))
+def _sample_any(rng: random.Random, heldout_object: bool, objects: int | None = None) -> Scene:
+    n = rng.choice((1, 2)) if objects is None else objects
     forced = None
     if heldout_object:
         color, shape = sorted(HELDOUT_PAIRS)[rng.randrange(len(HELDOUT_PAIRS))]
@@ -298,25 +299,50 @@ def _sample_any(rng: random.Random, heldout_object: bool) -> Scene:
     return Scene(objs, background, relation=relation, phrasing=phrasing, show_background=show_background)
 
 
-def scene_at(index: int, *, seed: int = 0, split: str = "train") -> Scene:
+def scene_at(index: int, *, seed: int = 0, split: str = "train", objects: int | None = None) -> Scene:
     """The ``index``-th scene of a split; the same on every machine for the same (seed, split, index).
 
     ``train`` never contains a pair from :data:`HELDOUT_PAIRS`; ``heldout`` always contains at least one;
-    ``all`` draws freely.
+    ``all`` draws freely. One or two objects with equal odds, or exactly ``objects`` (1 or 2): such scenes
+    come from a random stream of their own, so ``scene_at(i)`` stays the same scene whatever is asked of
+    ``scene_at(i, objects=...)``.
     """
     _check_choice("split", split, SPLITS)
     if index < 0:
         raise ValueError(f"index must be >= 0, got {index}")
-    rng = random.Random(f"shapes/{seed}/{split}/{index}")  # str seeds hash with sha512: portable
+    if objects not in (None, 1, 2):
+        raise ValueError(f"objects must be 1, 2 or None (either, with equal odds), got {objects!r}")
+    key = f"shapes/{seed}/{split}/{index}" + ("" if objects is None else f"/objects={objects}")
+    rng = random.Random(key)  # str seeds hash with sha512: portable
     while True:
-        scene = _sample_any(rng, heldout_object=split == "heldout")
+        scene = _sample_any(rng, heldout_object=split == "heldout", objects=objects)
         if split != "train" or not is_heldout(scene):
             return scene
 
 
-def sample_scenes(n: int, *, seed: int = 0, split: str = "train") -> list[Scene]:
-    """The first ``n`` scenes of a split (see :func:`scene_at`)."""
-    return [scene_at(i, seed=seed, split=split) for i in range(n)]
+def object_counts(n: int, two_object_share: float) -> list[int]:
+    """Object counts of ``n`` scenes, two objects in a ``two_object_share`` of them, spread evenly.
+
+    Scene ``i`` has two objects where ``floor((i + 1) * share)`` steps up, so every prefix holds the share
+    to within one scene.
+    """
+    if not 0.0 <= two_object_share <= 1.0:
+        raise ValueError(f"two_object_share must lie in [0, 1], got {two_object_share!r}")
+    return [1 + (math.floor((i + 1) * two_object_share) > math.floor(i * two_object_share)) for i in range(n)]
+
+
+def sample_scenes(
+    n: int, *, seed: int = 0, split: str = "train", two_object_share: float | None = None
+) -> list[Scene]:
+    """The first ``n`` scenes of a split (see :func:`scene_at`).
+
+    With ``two_object_share``, exactly that share of them (to within one) has two objects, spread evenly
+    (:func:`object_counts`); otherwise each scene draws one or two with equal odds.
+    """
+    if two_object_share is None:
+        return [scene_at(i, seed=seed, split=split) for i in range(n)]
+    counts = object_counts(n, two_object_share)
+    return [scene_at(i, seed=seed, split=split, objects=k) for i, k in enumerate(counts)]
 
 
 def train_scenes(n: int, seed: int = 0) -> list[Scene]:
@@ -336,8 +362,16 @@ def caption_vocabulary() -> list[str]:
     return sorted(words)
 
 
-def write_dataset(folder: str | Path, n: int, *, seed: int = 0, split: str = "train", size: int = 64) -> Path:
-    """Write ``n`` scenes as a Hugging Face imagefolder: PNGs and ``metadata.jsonl``.
+def write_dataset(
+    folder: str | Path,
+    n: int,
+    *,
+    seed: int = 0,
+    split: str = "train",
+    size: int = 64,
+    two_object_share: float | None = None,
+) -> Path:
+    """Write ``n`` scenes (:func:`sample_scenes`) as a Hugging Face imagefolder: PNGs and ``metadata.jsonl``.
 
     Each metadata line has ``file_name`` and ``text`` (the caption), plus ``scene`` (the attributes, see
     :meth:`Scene.to_dict`). Returns the folder.
@@ -345,7 +379,7 @@ def write_dataset(folder: str | Path, n: int, *, seed: int = 0, split: str = "tr
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
-    for i, scene in enumerate(sample_scenes(n, seed=seed, split=split)):
+    for i, scene in enumerate(sample_scenes(n, seed=seed, split=split, two_object_share=two_object_share)):
         name = f"{i:06d}.png"
         render_pil(scene, size).save(folder / name)
         lines.append(json.dumps({"file_name": name, "text": caption(scene), "scene": scene.to_dict()}))

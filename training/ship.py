@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 SHIFT = 3.0
 CONFIG = Path(__file__).with_name("tiny_shapes.yaml")
 TRAIN_IMAGES = 10_000
+# Share of two-object scenes in the training images (None: the generator's own even odds).
+TWO_OBJECT_SHARE: float | None = None
 COMPONENTS = (
     "vae",
     "text_encoder",
@@ -189,16 +191,41 @@ def assemble(
     return write_model_index(out)
 
 
-def prepare(root: str | Path, components: str | Path, *, n_images: int = TRAIN_IMAGES, seed: int = 0) -> None:
-    """``<root>/data/train`` (the training split as an image folder) and ``<root>/components`` (staging)."""
+def prepare(
+    root: str | Path,
+    components: str | Path,
+    *,
+    n_images: int = TRAIN_IMAGES,
+    seed: int = 0,
+    two_object_share: float | None = TWO_OBJECT_SHARE,
+) -> None:
+    """``<root>/data/train`` (the training split as an image folder) and ``<root>/components`` (staging).
+
+    ``two_object_share`` sets the share of two-object scenes (see :func:`shapes.sample_scenes`). An
+    existing image folder is kept as it is.
+    """
     from mmdit_flow.training import shapes
     from mmdit_flow.training.config import load_config
 
     root = Path(root)
     data = root / "data" / "train"
     if not (data / "metadata.jsonl").is_file():
-        shapes.write_dataset(data, n_images, seed=seed, split="train", size=64)
+        shapes.write_dataset(
+            data, n_images, seed=seed, split="train", size=64, two_object_share=two_object_share
+        )
     stage(components, root / "components", load_config(CONFIG))
+
+
+def _share(text: str) -> float | None:
+    if text == "even":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'even', got {text!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -211,6 +238,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     prep.add_argument("--root", type=Path, default=Path("runs/tiny-shapes"))
     prep.add_argument("--components", type=Path, required=True, help="folder with vae/, text_encoder*/ ...")
     prep.add_argument("--images", type=int, default=TRAIN_IMAGES)
+    prep.add_argument(
+        "--two-object-share",
+        type=_share,
+        default=TWO_OBJECT_SHARE,
+        help="share of two-object training scenes in [0, 1], or 'even' for the generator's even odds "
+        f"(default: {TWO_OBJECT_SHARE if TWO_OBJECT_SHARE is not None else 'even'})",
+    )
     asm = sub.add_parser("assemble", help="trained transformer + components -> a shippable SD3 folder")
     asm.add_argument("run_dir", type=Path)
     asm.add_argument("out", type=Path)
@@ -222,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "config":
         print(CONFIG)
     elif args.command == "prepare":
-        prepare(args.root, args.components, n_images=args.images)
+        prepare(args.root, args.components, n_images=args.images, two_object_share=args.two_object_share)
     else:
         path = assemble(
             args.run_dir, args.out, components=args.components, checkpoint=args.checkpoint, shift=args.shift
