@@ -7,15 +7,19 @@ right. Reported:
 
 * the headline: ``--steps`` Euler steps with classifier-free guidance ``--guidance``, per attribute;
 * accuracy against the number of steps (at ``--guidance``) and against the guidance scale (at ``--steps``);
+* the headline split by scenes of one and of two objects (the two-object ones are the hard part);
 * the same headline on training-split captions (the first images the model was trained on);
 * the gain of each guidance scale over none (guidance 1) with a paired 95% bootstrap interval over images;
 * two references: the evaluator on the ground-truth renders of the same captions (its ceiling) and on
-  mismatched captions (chance).
+  mismatched captions (chance);
+* with ``--compare FOLDER``, another model's headline on the same captions and seeds, and the paired
+  difference with a 95% bootstrap interval over images.
 
 Every image has its own seed (``--seed + i``), so rows differ only by the setting they name.
 
     python bench/quality.py                                # the shipped weights/tiny-shapes/, 200 captions
     python bench/quality.py --model runs/tiny-shapes/final --n 100 --json out.json
+    python bench/quality.py --model NEW --compare weights/tiny-shapes --steps-list '' --guidance-list ''
 
 Markdown tables go to stdout (docs/quality.md holds a run); ``--json`` also writes every number.
 """
@@ -125,6 +129,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--examples", type=Path, default=None, help="also save EXAMPLES as PNGs here")
+    parser.add_argument(
+        "--compare", default=None, help="another model folder: its headline, paired against --model's"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -171,6 +178,12 @@ def main() -> None:
     head = accuracy("heldout", args.steps, args.guidance)
     report["headline"] = row(head, steps=args.steps, guidance=args.guidance)
     report["per_attribute"] = head.per_attribute
+    report["by_objects"] = {}
+    for k in (1, 2):
+        part = [c for c, scene in zip(head.per_image, held, strict=True) if len(scene.objects) == k]
+        if part:
+            r = evaluator.summarize(part)
+            report["by_objects"][k] = {**row(r), "per_attribute": r.per_attribute}
     report["vs_steps"] = [
         row(accuracy("sweep", s, args.guidance), steps=s, guidance=args.guidance)
         for s in map(int, filter(None, args.steps_list.split(",")))
@@ -190,6 +203,19 @@ def main() -> None:
     if args.n_train:
         result = accuracy("train", args.steps, args.guidance)
         report["train_split"] = row(result, steps=args.steps, guidance=args.guidance)
+    report["compare"] = None
+    if args.compare is not None:
+        other = TextToImagePipeline.from_pretrained(args.compare, device="cpu", dtype=torch.float32)
+        if args.shift is not None:
+            other.components.scheduler_config["shift"] = args.shift
+        cond, unc = encode_with_empty(other, captions["heldout"], args.max_sequence_length)
+        images = generate(other, cond, unc, args.steps, args.guidance, seeds["heldout"], args.batch)
+        theirs = evaluator.evaluate(images, captions["heldout"])
+        diff, low, high = evaluator.bootstrap_difference(head, theirs)
+        report["compare"] = {
+            "model": args.compare, **row(theirs), "per_attribute": theirs.per_attribute,
+            "gain": diff, "ci95": [low, high],
+        }  # fmt: skip
     report["seconds"] = time.perf_counter() - start
 
     if args.examples is not None:
@@ -213,6 +239,22 @@ def main() -> None:
     print("| attribute | " + " | ".join(head.per_attribute) + " |")
     print("|---|" + "---|" * len(head.per_attribute))
     print("| accuracy | " + " | ".join(pct(v) for v in head.per_attribute.values()) + " |\n")
+    print("| held-out scenes | images | overall | all right | " + " | ".join(head.per_attribute) + " |")
+    print("|---|---|---|---|" + "---|" * len(head.per_attribute))
+    for k, r in report["by_objects"].items():
+        cells = [pct(r["per_attribute"][a]) if a in r["per_attribute"] else "-" for a in head.per_attribute]
+        name = "one object" if k == 1 else "two objects"
+        head_cells = [name, str(r["n"]), pct(r["overall"]), pct(r["all_correct"])]
+        print("| " + " | ".join(head_cells + cells) + " |")
+    print()
+    if report["compare"] is not None:
+        c = report["compare"]
+        gain, low, high = (100 * v for v in (c["gain"], *c["ci95"]))
+        print("| held-out, same captions and seeds | overall | all right |\n|---|---|---|")
+        print(f"| {report['model']} | {pct(head.overall)} | {pct(head.all_correct)} |")
+        print(f"| {c['model']} | {pct(c['overall'])} | {pct(c['all_correct'])} |")
+        interval = f"{gain:+.1f} points [{low:+.1f}, {high:+.1f}]"
+        print(f"| difference (paired, 95% bootstrap interval) | {interval} | - |\n")
     for title, key, col in (("steps", "vs_steps", "steps"), ("guidance", "vs_guidance", "guidance")):
         rows = report[key]
         if not rows:
