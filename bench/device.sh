@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/mmdit-flow-device}"
 mkdir -p "$OUT"
 END=$(( $(date +%s) + ${BUDGET_S:-480} ))
-# batch 256 at 3000 steps: 768 000 samples (the CPU recipe: 34 000 x 32 = 1 088 000); the recipe's training
+# batch 256 at 3000 steps: 768 000 samples (the CPU recipe: 40 000 x 32 = 1 280 000); the recipe's training
 # shift (3) unless a variant sets another; sdpa attention (the recipe's "math" is the CPU's faster choice)
 BASE="data.batch_size=256 data.num_workers=2 optimizer.lr=2e-3 schedule.max_steps=3000 ema.decay=0.998 model.attention_backend=sdpa"
 SWEEP=("${PYTHON:-python3}" bench/sweep.py --work /tmp/sweep --json "$OUT/sweep.json"
