@@ -136,9 +136,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
-    pipe = TextToImagePipeline.from_pretrained(args.model, device="cpu", dtype=torch.float32)
-    if args.shift is not None:
-        pipe.components.scheduler_config["shift"] = args.shift
+    def load(folder: str | None):
+        pipe = TextToImagePipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
+        if args.shift is not None:
+            pipe.components.scheduler_config["shift"] = args.shift
+        return pipe
+
+    pipe = load(args.model)
     held = shapes.heldout_scenes(args.n)
     n_sweep = min(args.n_sweep, args.n)
     sets = {"heldout": held, "sweep": held[:n_sweep]}
@@ -205,9 +209,7 @@ def main() -> None:
         report["train_split"] = row(result, steps=args.steps, guidance=args.guidance)
     report["compare"] = None
     if args.compare is not None:
-        other = TextToImagePipeline.from_pretrained(args.compare, device="cpu", dtype=torch.float32)
-        if args.shift is not None:
-            other.components.scheduler_config["shift"] = args.shift
+        other = load(args.compare)
         cond, unc = encode_with_empty(other, captions["heldout"], args.max_sequence_length)
         images = generate(other, cond, unc, args.steps, args.guidance, seeds["heldout"], args.batch)
         theirs = evaluator.evaluate(images, captions["heldout"])

@@ -339,9 +339,7 @@ def sample_scenes(
     With ``two_object_share``, exactly that share of them (to within one) has two objects, spread evenly
     (:func:`object_counts`); otherwise each scene draws one or two with equal odds.
     """
-    if two_object_share is None:
-        return [scene_at(i, seed=seed, split=split) for i in range(n)]
-    counts = object_counts(n, two_object_share)
+    counts = [None] * n if two_object_share is None else object_counts(n, two_object_share)
     return [scene_at(i, seed=seed, split=split, objects=k) for i, k in enumerate(counts)]
 
 
