@@ -32,6 +32,8 @@ class ModelConfig:
     max_sequence_length: int = 256  # T5 tokens
     gradient_checkpointing: bool = False
     attention_backend: AttentionBackend = "sdpa"  # "math": fastest for short sequences on the CPU
+    compile: bool = False  # torch.compile the transformer in place (state-dict keys unchanged); needs a C++
+    # compiler on the CPU; tiny-shapes loop: 1.18x the steps/s of eager in bf16 on this CPU (docs/quality.md)
 
 
 @dataclass

@@ -474,6 +474,8 @@ def train(
         from mmdit_flow.training.lora import add_lora
 
         model = add_lora(model, cfg.lora)
+    if cfg.model.compile:  # in place: parameters, state-dict keys, EMA and checkpoints are unchanged
+        model.compile()
     ema = EMA(model, cfg.ema.decay) if cfg.ema.decay else None
     optimizer, scheduler = make_optimizer(model, cfg)
     model, optimizer = acc.prepare(model, optimizer)

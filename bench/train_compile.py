@@ -1,0 +1,67 @@
+"""The training loop's speed with ``model.compile`` on and off: alternating runs of the same config.
+
+Run in a folder prepared for the tiny-shapes recipe (``python -m mmdit_flow.training.ship prepare`` and
+``mmdit-flow cache``, docs/quality.md), so that the loop is the real one (cached latents, caption dropout,
+AdamW, EMA, checkpoints). Each round trains ``--steps`` steps eager, then compiled, from scratch; the result
+is the median time between consecutive steps after ``--skip`` steps (compilation and warm-up), per mode:
+
+    OMP_NUM_THREADS=2 python /path/to/bench/train_compile.py --rounds 2 --steps 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def timed_run(train, cfg) -> list[float]:
+    """``train(cfg)`` with the clock read at every step."""
+    stamps: list[float] = []
+    train(cfg, on_step=lambda step, result: stamps.append(time.perf_counter()))
+    return stamps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--skip", type=int, default=150, help="steps left out of the timing (compilation)")
+    parser.add_argument("overrides", nargs="*", help="extra key=value training overrides")
+    args = parser.parse_args()
+    if args.skip + 2 > args.steps:
+        parser.error(f"--steps ({args.steps}) must exceed --skip ({args.skip}) by at least 2")
+
+    from mmdit_flow.training.config import load_config
+    from mmdit_flow.training.trainer import train
+
+    recipe = subprocess.check_output([sys.executable, "-m", "mmdit_flow.training.ship", "config"], text=True)
+    path, *overrides = recipe.split()
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for r in range(args.rounds):
+        for compiled in (False, True):
+            out = tempfile.mkdtemp(prefix="train_compile_")
+            cfg = load_config(path, [*overrides, *args.overrides, f"schedule.max_steps={args.steps}",
+                                     f"output.dir={out}", "output.save_final=false", "output.progress=false",
+                                     f"model.compile={str(compiled).lower()}"])  # fmt: skip
+            try:
+                stamps = timed_run(train, cfg)
+            finally:
+                shutil.rmtree(out, ignore_errors=True)
+            gaps = [b - a for a, b in itertools.pairwise(stamps[args.skip :])]
+            times[compiled].append(1000 * statistics.median(gaps))
+            print(f"round {r}: {'compiled' if compiled else 'eager'} {times[compiled][-1]:.1f} ms/step")
+    eager, compiled = statistics.median(times[False]), statistics.median(times[True])
+    print(
+        f"eager {eager:.1f} ms/step ({1000 / eager:.2f} steps/s), compiled {compiled:.1f} ms/step "
+        f"({1000 / compiled:.2f} steps/s): {eager / compiled:.3f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
