@@ -14,13 +14,15 @@ import argparse
 import itertools
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
+from mmdit_flow.training.config import TrainConfig, load_config
+from mmdit_flow.training.ship import CONFIG
+from mmdit_flow.training.trainer import train
 
-def timed_run(train, cfg) -> list[float]:
+
+def timed_run(cfg: TrainConfig) -> list[float]:
     """``train(cfg)`` with the clock read at every step."""
     stamps: list[float] = []
     train(cfg, on_step=lambda step, result: stamps.append(time.perf_counter()))
@@ -37,20 +39,15 @@ def main() -> None:
     if args.skip + 2 > args.steps:
         parser.error(f"--steps ({args.steps}) must exceed --skip ({args.skip}) by at least 2")
 
-    from mmdit_flow.training.config import load_config
-    from mmdit_flow.training.trainer import train
-
-    recipe = subprocess.check_output([sys.executable, "-m", "mmdit_flow.training.ship", "config"], text=True)
-    path, *overrides = recipe.split()
     times: dict[bool, list[float]] = {False: [], True: []}
     for r in range(args.rounds):
         for compiled in (False, True):
             out = tempfile.mkdtemp(prefix="train_compile_")
-            cfg = load_config(path, [*overrides, *args.overrides, f"schedule.max_steps={args.steps}",
+            cfg = load_config(CONFIG, [*args.overrides, f"schedule.max_steps={args.steps}",
                                      f"output.dir={out}", "output.save_final=false", "output.progress=false",
                                      f"model.compile={str(compiled).lower()}"])  # fmt: skip
             try:
-                stamps = timed_run(train, cfg)
+                stamps = timed_run(cfg)
             finally:
                 shutil.rmtree(out, ignore_errors=True)
             gaps = [b - a for a, b in itertools.pairwise(stamps[args.skip :])]
