@@ -123,14 +123,14 @@ def test_text_encoders_load_and_are_deterministic(stack):
     assert not np.allclose(a.pooled[0], a.pooled[1])  # different captions, different features
 
 
-def test_committed_encoders_are_the_recipes_output(stack):
-    """The committed weights are exactly what the recipe builds from the committed tokenizers and seed 0."""
+def test_committed_clip_encoders_are_the_recipes_output(stack):
+    """The committed CLIP weights are exactly what the recipe builds from the committed tokenizers and seed 0
+    (the T5 is trained: tests/test_text_train.py)."""
     builders = (
         lambda tok: tiny_shapes._clip_encoder(tok, tiny_shapes.CLIP_L, 0),
         lambda tok: tiny_shapes._clip_encoder(tok, tiny_shapes.CLIP_G, 1),
-        lambda tok: tiny_shapes._t5_encoder(tok, tiny_shapes.T5, 2),
     )
-    for tok, committed, build in zip(stack.tokenizers, stack.encoders, builders, strict=True):
+    for tok, committed, build in zip(stack.tokenizers[:2], stack.encoders[:2], builders, strict=True):
         first, second = build(tok).state_dict(), build(tok).state_dict()
         saved = committed.state_dict()
         assert first.keys() == saved.keys()

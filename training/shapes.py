@@ -177,22 +177,45 @@ def describe_object(obj: ObjectSpec) -> str:
     return f"a {obj.size} {obj.color} {obj.shape}"
 
 
+def object_places(scene: Scene) -> tuple[str, ...]:
+    """Where each object of a scene is, as a :data:`POSITIONS` name: a single object's ``position``; for
+    two objects, the places a relation puts them (:data:`RELATION_PLACES`: "left of" is left and right)."""
+    if len(scene.objects) == 1:
+        return (scene.position,)
+    return RELATION_PLACES[scene.relation]
+
+
+def caption_parts(scene: Scene) -> list[tuple[str, int | None]]:
+    """The caption in phrases, each with the index of the object it describes (None for the words that
+    join or follow the objects): ``" ".join(text for text, _ in caption_parts(s)) == caption(s)``.
+
+    An object's phrase includes its place when the caption states one ("a large red circle on the left");
+    a relation ("to the left of") belongs to neither object.
+    """
+    objs = scene.objects
+    places = object_places(scene)
+    if len(objs) == 1:
+        parts = [(f"{describe_object(objs[0])} {POSITION_PHRASES[places[0]]}", 0)]
+    elif scene.phrasing == "relative":
+        parts = [
+            (describe_object(objs[0]), 0),
+            (RELATION_PHRASES[scene.relation], None),
+            (describe_object(objs[1]), 1),
+        ]
+    else:
+        parts = [
+            (f"{describe_object(objs[0])} {POSITION_PHRASES[places[0]]}", 0),
+            ("and", None),
+            (f"{describe_object(objs[1])} {POSITION_PHRASES[places[1]]}", 1),
+        ]
+    if scene.show_background:
+        parts.append((f"on a {scene.background} background", None))
+    return parts
+
+
 def caption(scene: Scene) -> str:
     """The caption of a scene, from the grammar in the module docstring."""
-    objs = scene.objects
-    if len(objs) == 1:
-        text = f"{describe_object(objs[0])} {POSITION_PHRASES[scene.position]}"
-    elif scene.phrasing == "relative":
-        text = f"{describe_object(objs[0])} {RELATION_PHRASES[scene.relation]} {describe_object(objs[1])}"
-    else:
-        first, second = RELATION_PLACES[scene.relation]
-        text = (
-            f"{describe_object(objs[0])} {POSITION_PHRASES[first]} and "
-            f"{describe_object(objs[1])} {POSITION_PHRASES[second]}"
-        )
-    if scene.show_background:
-        text += f" on a {scene.background} background"
-    return text
+    return " ".join(text for text, _ in caption_parts(scene))
 
 
 # ----------------------------------------------------------------------------------------------- rendering

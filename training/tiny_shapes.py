@@ -6,10 +6,11 @@ layout that ``weights/tiny-shapes/`` ships:
 * ``tokenizer/``, ``tokenizer_2/``, ``tokenizer_3/``: CLIP BPE (x2) and T5 sentencepiece tokenizers trained
   on the caption corpus (:mod:`mmdit_flow.training.tokenizers`).
 * ``text_encoder/``, ``text_encoder_2/``: tiny ``CLIPTextModelWithProjection`` in CLIP-L's and CLIP-G's
-  shape (quick-GELU vs GELU, G twice as wide as L); ``text_encoder_3/``: a tiny ``T5EncoderModel`` in T5
-  v1.1's shape (gated GELU, relative attention). They are **frozen random**: the linear probe of
-  :func:`probe_text_features` shows their features already carry every caption attribute of held-out
-  captions (docs/tiny-shapes.md has the numbers), so training them would buy nothing here.
+  shape (quick-GELU vs GELU, G twice as wide as L), **frozen random**; ``text_encoder_3/``: a tiny
+  ``T5EncoderModel`` in T5 v1.1's shape (gated GELU, relative attention), **trained** on the caption corpus
+  as a tagger (:mod:`mmdit_flow.training.text_train`: every token learns which object it describes, what
+  that object is and where), because a random T5's token outputs are context-free and the transformer
+  sees the text tokens as a set (docs/tiny-shapes.md and docs/quality.md have the measurements).
 * ``vae/``: a tiny ``AutoencoderKL`` with 16 latent channels and downsampling factor 4, trained by
   :mod:`mmdit_flow.training.vae_train`.
 
@@ -17,7 +18,7 @@ The widths respect SD3's prompt layout: the two CLIPs' hidden states are concate
 zero-padded to the T5 width (256), and the pooled vector is 64 + 128 = 192 wide, so the transformer needs
 ``joint_attention_dim = 256`` and ``pooled_projection_dim = 192`` (:data:`TRANSFORMER_TEXT_DIMS`).
 
-One command builds it all (minutes; the VAE dominates)::
+One command builds it all (about 15 minutes on one thread, most of it the T5 tagger and the VAE)::
 
     python -m mmdit_flow.training.tiny_shapes components weights/tiny-shapes
 """
@@ -36,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmdit_flow.training import shapes, tokenizers, vae_train
+from mmdit_flow.training import shapes, text_train, tokenizers, vae_train
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ def _clip_encoder(tokenizer: Any, arch: dict, seed: int) -> torch.nn.Module:
 
 
 def _t5_encoder(tokenizer: Any, arch: dict, seed: int) -> torch.nn.Module:
+    """A random ``T5EncoderModel`` (the tagger's starting point)."""
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
@@ -114,11 +116,25 @@ def _t5_encoder(tokenizer: Any, arch: dict, seed: int) -> torch.nn.Module:
     return T5EncoderModel(config).eval()
 
 
-def build_text_encoders(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
-    """Write the three tokenizers and three frozen random text encoders into ``out_dir`` (SD3 layout).
+def trained_t5_encoder(
+    tokenizer: Any, seed: int = 0, cfg: text_train.T5TrainConfig | None = None
+) -> tuple[torch.nn.Module, text_train.TaggerResult]:
+    """The recipe's T5: random from ``seed + 2``, then trained as a caption tagger (``cfg``, seeded with
+    ``seed``; :mod:`mmdit_flow.training.text_train`)."""
+    cfg = cfg or text_train.T5TrainConfig(seed=seed)
+    model = _t5_encoder(tokenizer, T5, seed + 2)
+    return model, text_train.train_t5_tagger(model, tokenizer, cfg)
 
-    The encoders are seeded with ``seed``, ``seed + 1``, ``seed + 2``, so the folder is the same for the
-    same seed on every machine. Returns the folder of each component by its SD3 name.
+
+def build_text_encoders(
+    out_dir: str | Path, seed: int = 0, t5: text_train.T5TrainConfig | None = None
+) -> dict[str, Any]:
+    """Write the three tokenizers and the three text encoders into ``out_dir`` (SD3 layout).
+
+    The CLIP encoders are random from ``seed`` and ``seed + 1``; the T5 is :func:`trained_t5_encoder`'s
+    (``t5`` overrides its training config), so the folder is the same for the same seed on a machine
+    with the same thread count. Returns the folder of each component by its SD3 name, and under ``"t5"``
+    what the tagger's training measured (:class:`~mmdit_flow.training.text_train.TaggerResult`).
     """
     from transformers import CLIPTokenizer, T5TokenizerFast
 
@@ -127,15 +143,17 @@ def build_text_encoders(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     tok_l = CLIPTokenizer.from_pretrained(folders.clip_l)
     tok_g = CLIPTokenizer.from_pretrained(folders.clip_g)
     tok_t5 = T5TokenizerFast.from_pretrained(folders.t5)
-    models = (
-        _clip_encoder(tok_l, CLIP_L, seed),
-        _clip_encoder(tok_g, CLIP_G, seed + 1),
-        _t5_encoder(tok_t5, T5, seed + 2),
-    )
-    paths = {"tokenizer": folders.clip_l, "tokenizer_2": folders.clip_g, "tokenizer_3": folders.t5}
+    t5_model, t5_result = trained_t5_encoder(tok_t5, seed, t5)
+    models = (_clip_encoder(tok_l, CLIP_L, seed), _clip_encoder(tok_g, CLIP_G, seed + 1), t5_model)
+    paths: dict[str, Any] = {
+        "tokenizer": folders.clip_l,
+        "tokenizer_2": folders.clip_g,
+        "tokenizer_3": folders.t5,
+    }
     for name, model in zip(ENCODER_FOLDERS, models, strict=True):
         model.save_pretrained(out / name, safe_serialization=True)
         paths[name] = out / name
+    paths["t5"] = t5_result
     return paths
 
 
@@ -338,10 +356,11 @@ def train_vae(
 def build_components(
     out_dir: str | Path, *, seed: int = 0, vae_steps: int = vae_train.VAETrainConfig.steps, probe: bool = True
 ) -> dict:
-    """The whole recipe minus the transformer: tokenizers, text encoders (+ their probe), the VAE."""
+    """The whole recipe minus the transformer: tokenizers, text encoders (the T5 trained; + their probe),
+    the VAE."""
     report: dict[str, Any] = {"seed": seed}
     start = time.perf_counter()
-    build_text_encoders(out_dir, seed)
+    report["t5_tagger"] = build_text_encoders(out_dir, seed)["t5"].to_dict()
     report["text_encoders_s"] = time.perf_counter() - start
     if probe:
         start = time.perf_counter()
@@ -357,7 +376,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         description="Build the tiny-shapes tokenizers, text encoders and VAE in the diffusers SD3 layout.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    comp = sub.add_parser("components", help="tokenizers, frozen text encoders (+ probe) and the trained VAE")
+    comp = sub.add_parser(
+        "components", help="tokenizers, text encoders (CLIPs random, T5 trained; + probe) and the trained VAE"
+    )
     comp.add_argument("out_dir", type=Path)
     comp.add_argument("--seed", type=int, default=0)
     comp.add_argument("--vae-steps", type=int, default=vae_train.VAETrainConfig.steps)
