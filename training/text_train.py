@@ -163,7 +163,8 @@ class TaggerResult:
 def train_t5_tagger(
     model: torch.nn.Module, tokenizer: Any, cfg: T5TrainConfig | None = None, eval_captions: int = 500
 ) -> TaggerResult:
-    """Train ``model`` (a ``T5EncoderModel``) in place as a caption tagger; returns it in eval mode.
+    """Train ``model`` (a ``T5EncoderModel``) in place as a caption tagger and leave it in eval mode;
+    returns what the training measured.
 
     Deterministic for a config on a given machine and thread count: the heads are seeded with
     ``cfg.seed`` and the batches drawn from a generator of that seed.
