@@ -31,12 +31,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from mmdit_flow.training import shapes
-
-if TYPE_CHECKING:
-    from transformers import CLIPTokenizer, T5TokenizerFast
 
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 CLIP_MAX_LENGTH = 77  # model_max_length of the CLIP tokenizers in SD3 / Flux checkpoints
@@ -156,16 +152,6 @@ def save_clip_tokenizer(
     return folder
 
 
-def build_clip_tokenizer(texts: Iterable[str] | None = None, **kw: object) -> CLIPTokenizer:
-    """An in-memory CLIPTokenizer trained as in :func:`save_clip_tokenizer` (same keywords)."""
-    import tempfile
-
-    from transformers import CLIPTokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        return CLIPTokenizer.from_pretrained(save_clip_tokenizer(tmp, texts, **kw))
-
-
 # ------------------------------------------------------------------------------------------ T5 sentencepiece
 
 
@@ -228,16 +214,6 @@ def save_t5_tokenizer(
     tok = T5TokenizerFast.from_pretrained(folder, extra_ids=extra_ids, model_max_length=model_max_length)
     tok.save_pretrained(folder)
     return folder
-
-
-def build_t5_tokenizer(texts: Sequence[str] | None = None, **kw: object) -> T5TokenizerFast:
-    """An in-memory T5TokenizerFast trained as in :func:`save_t5_tokenizer` (same keywords)."""
-    import tempfile
-
-    from transformers import T5TokenizerFast
-
-    with tempfile.TemporaryDirectory() as tmp:
-        return T5TokenizerFast.from_pretrained(save_t5_tokenizer(tmp, texts, **kw))
 
 
 # ----------------------------------------------------------------------------------------------- all three
