@@ -12,6 +12,15 @@ import mmdit_flow
 from mmdit_flow.pipelines.cli import COMMANDS, main
 
 HEAVY = ("transformers", "diffusers", "accelerate", "PIL", "matplotlib", "scipy", "ot", "peft")
+# the command line's parser and every --help stay free of torch too: `mmdit-flow --help` is instant
+CLI_HEAVY = ("torch", *HEAVY)
+
+
+def _loaded_after(code: str) -> set[str]:
+    """Top-level modules imported by running ``code`` in a fresh interpreter."""
+    code += "\nimport json, sys; print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return set(json.loads(run.stdout.splitlines()[-1]))
 
 
 @pytest.mark.parametrize(
@@ -19,10 +28,32 @@ HEAVY = ("transformers", "diffusers", "accelerate", "PIL", "matplotlib", "scipy"
     ["mmdit_flow", "mmdit_flow.flow", "mmdit_flow.sampling", "mmdit_flow.models.sd3", "mmdit_flow.pipelines"],
 )
 def test_import_is_light(module):
-    code = f"import sys, json, {module}; print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}})))"
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True)
-    loaded = set(json.loads(run.stdout))
+    loaded = _loaded_after(f"import {module}")
     assert not loaded & set(HEAVY), f"import {module} pulled in {sorted(loaded & set(HEAVY))}"
+
+
+@pytest.mark.parametrize("module", ["mmdit_flow.weights", "mmdit_flow.weights.cli"])
+def test_weights_import_is_torch_free(module):
+    loaded = _loaded_after(f"import {module}")
+    assert not loaded & set(CLI_HEAVY), f"import {module} pulled in {sorted(loaded & set(CLI_HEAVY))}"
+
+
+def test_cli_parser_is_light():
+    loaded = _loaded_after("from mmdit_flow.pipelines.cli import build_parser\nbuild_parser()")
+    assert not loaded & set(CLI_HEAVY), f"build_parser() pulled in {sorted(loaded & set(CLI_HEAVY))}"
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_command_help_is_light(command):
+    code = (
+        "from mmdit_flow.pipelines.cli import main\n"
+        "try:\n"
+        f"    main([{command!r}, '--help'])\n"
+        "except SystemExit as exit:\n"
+        "    assert exit.code == 0, exit.code\n"
+    )
+    loaded = _loaded_after(code)
+    assert not loaded & set(CLI_HEAVY), f"{command} --help pulled in {sorted(loaded & set(CLI_HEAVY))}"
 
 
 def test_public_names_resolve():
