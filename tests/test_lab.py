@@ -73,7 +73,7 @@ def test_w2_is_zero_for_identical_sets_and_the_shift_for_shifted_ones():
     ("method", "budget", "used"), [("euler", 8, 8), ("midpoint", 8, 8), ("heun", 8, 7), ("rk4", 8, 8)]
 )
 def test_evaluations_are_counted(method, budget, used):
-    net = train.TrainConfig(hidden=16, depth=1).make_net()
+    net = train.LabTrainConfig(hidden=16, depth=1).make_net()
     steps = experiment.steps_for_budget(method, budget)
     _, calls = experiment.sample_flow(net, torch.randn(5, 2), method, steps)
     assert calls == used
@@ -108,7 +108,7 @@ def test_a_small_trained_flow_beats_an_untrained_one():
     def blob(n, g):  # trivially easy data: one Gaussian away from the origin
         return torch.tensor([1.5, -1.0]) + 0.3 * torch.randn(n, 2, generator=g)
 
-    cfg = train.TrainConfig(steps=300, batch=256, hidden=64, depth=2, lr=3e-3)
+    cfg = train.LabTrainConfig(steps=300, batch=256, hidden=64, depth=2, lr=3e-3)
     torch.manual_seed(0)
     untrained = cfg.make_net()
     trained = train.train_rectified_flow(
@@ -136,9 +136,13 @@ def test_quick_lab_run_writes_figures_and_tables(tmp_path):
         "quality_vs_nfe.png",
     } <= set(pngs)
     assert (folder / "flow.gif").read_bytes()[:6] in (b"GIF87a", b"GIF89a")
-    assert "## Summary" in (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text()
+    assert "## Summary" in md and "**Smoke run (`--quick`)**" in md
+    # the summary's heads name the budgets --quick ran (up to 8), not the full run's 100
+    assert "| 1-RF rk4@8 | DDIM@8 | DDPM@8 | 1-RF euler@8 |" in md and "@100" not in md
 
     results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["smoke"] is True and "stopped" not in results
     res = results["datasets"]["8gaussians"]
     rows = {(r["model"], r["sampler"], r["grid"]): r for r in res["rows"]}
     for model in ("1-RF", "2-RF", "OT-CFM"):
@@ -152,3 +156,53 @@ def test_quick_lab_run_writes_figures_and_tables(tmp_path):
     assert rows[("1-RF", "euler", "linear")]["nfe_used"] == {str(n): n for n in results["config"]["nfes"]}
     assert "2" not in rows[("1-RF", "rk4", "linear")]["w2"]  # rk4 cannot run in 2 evaluations
     assert set(res["targets"]) == {"reflow_one_step", "fm_beats_ddim", "rk4_reaches_euler"}
+
+
+def _fake_result(name, config, **kw):
+    return {
+        "floor_w2": 0.1,
+        "rows": [],
+        "straightness": {"1-RF": 0.2, "2-RF": 0.01, "OT-CFM": 0.1},
+        "targets": {},
+        "seconds": {"total": 1.0},
+        "figures": [],
+    }
+
+
+def test_ctrl_c_keeps_the_finished_data_sets(tmp_path, monkeypatch, capsys):
+    from mmdit_flow.pipelines.cli import main
+
+    def stop_at_moons(name, config, **kw):
+        if name == "moons":
+            raise KeyboardInterrupt
+        return _fake_result(name, config, **kw)
+
+    monkeypatch.setattr(experiment, "run_dataset", stop_at_moons)
+    argv = ["lab", "--quick", "--datasets", "8gaussians,moons,spirals", "--out", str(tmp_path)]
+    assert main(argv) == 130
+    printed = capsys.readouterr()
+    assert "lab: --quick is a smoke run (100 training steps" in printed.out
+    assert "lab: stopped" in printed.err
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results["datasets"]) == ["8gaussians"]
+    assert results["stopped"] == ["moons", "spirals"]
+    md = (tmp_path / "results.md").read_text()
+    assert "**Stopped** after 1 data set(s) (8gaussians); not run: moons, spirals." in md
+    assert "| 8gaussians |" in md
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary files left behind
+
+
+def test_ctrl_c_before_any_data_set_leaves_earlier_tables_alone(tmp_path, monkeypatch):
+    from mmdit_flow.pipelines.cli import main
+
+    monkeypatch.setattr(experiment, "run_dataset", _fake_result)
+    assert main(["lab", "--datasets", "moons", "--out", str(tmp_path)]) == 0
+    before = (tmp_path / "results.md").read_text()
+    assert "Smoke run" not in before and "DDPM@100" in before
+
+    def stop(name, config, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment, "run_dataset", stop)
+    assert main(["lab", "--datasets", "moons", "--out", str(tmp_path)]) == 130
+    assert (tmp_path / "results.md").read_text() == before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 
 HELP = "2-D lab: rectified flow, reflow, OT-CFM and DDPM/DDIM on toy data; plots, GIF and W2-vs-NFE tables."
 DEFAULT_DATASETS = "two_clusters,8gaussians,moons,checkerboard,spirals"
@@ -16,7 +17,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated data sets (default: {DEFAULT_DATASETS})",
     )
     parser.add_argument("--out", default="lab-out", help="output folder (default: lab-out)")
-    parser.add_argument("--quick", action="store_true", help="tiny models, seconds per data set (smoke test)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: tiny models, seconds per data set; its numbers are not the lab's results",
+    )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed for data, training and sampling (default: 0)"
     )
@@ -36,7 +41,22 @@ def run(args: argparse.Namespace) -> int:
         ["mmdit-flow", "lab", "--datasets", ",".join(datasets), "--out", str(out), "--seed", str(args.seed)]
         + (["--quick"] if args.quick else [])
     )
-    results = run_lab(datasets, out, config, seed=args.seed, progress=not args.no_progress, command=command)
+    if config.smoke:
+        print(
+            f"lab: --quick is a smoke run ({config.train.steps} training steps, tiny models, NFE up to "
+            f"{max(config.nfes)}): it checks that the lab runs; its numbers are not the lab's results"
+        )
+    try:
+        results = run_lab(
+            datasets, out, config, seed=args.seed, progress=not args.no_progress, command=command
+        )
+    except KeyboardInterrupt:
+        print(
+            f"\nlab: stopped; the data sets finished before the stop are in {out / 'results.md'} "
+            f"(rerun with --datasets NAMES for the others)",
+            file=sys.stderr,
+        )
+        return 130
     print(
         f"lab: {len(datasets)} data set(s) in {results['seconds']:.0f} s; "
         f"figures, results.md and results.json in {out}"

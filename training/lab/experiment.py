@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from mmdit_flow.training.lab import data as lab_data
+from mmdit_flow.training.lab import report
 from mmdit_flow.training.lab.metrics import w2
-from mmdit_flow.training.lab.train import TrainConfig
+from mmdit_flow.training.lab.train import LabTrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,8 @@ EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
 class LabConfig:
     """Everything that sets a lab run's numbers; ``quick()`` is the seconds-long smoke-test preset."""
 
-    train: TrainConfig = field(default_factory=TrainConfig)
+    smoke: bool = False  # a smoke test: its numbers show that the lab runs, not what the methods do
+    train: LabTrainConfig = field(default_factory=LabTrainConfig)
     reflow_steps: int = 1500  # fine-tuning steps of 2-RF, started from 1-RF
     couplings: int = 20_000  # (noise, ODE(noise)) pairs generated from 1-RF for reflow
     coupling_method: str = "rk4"
@@ -47,7 +49,8 @@ class LabConfig:
     @classmethod
     def quick(cls) -> LabConfig:
         return cls(
-            train=TrainConfig(steps=100, batch=256, hidden=64, depth=2),
+            smoke=True,
+            train=LabTrainConfig(steps=100, batch=256, hidden=64, depth=2),
             reflow_steps=50,
             couplings=2000,
             coupling_steps=5,
@@ -159,8 +162,7 @@ def targets(rows: list[dict[str, Any]], nfes: tuple[int, ...]) -> dict[str, dict
     - 1-RF rk4 at 8 evaluations <= 1.1 x (1-RF Euler at the largest budget): "reaches" allows 10 %, about the
       spread of W2 between independent finite samples.
     """
-    top = max(nfes)
-    few = 8 if 8 in nfes else max(n for n in nfes if n <= 8)
+    few, top = report.few_and_top(nfes)
     ref = _lookup(rows, "1-RF", "euler", top)
     checks = {
         "reflow_one_step": (
@@ -372,9 +374,11 @@ def run_lab(
     progress: bool = True,
     command: str = "",
 ) -> dict[str, Any]:
-    """Run every data set in turn and write the figures, ``results.json`` and ``results.md`` under ``out``."""
-    from mmdit_flow.training.lab import report
+    """Run every data set in turn and write the figures, ``results.json`` and ``results.md`` under ``out``.
 
+    The tables are rewritten after every data set; on Ctrl-C (``KeyboardInterrupt``, re-raised) they are
+    written once more with the finished data sets and a note naming the ones that did not run.
+    """
     lab_data.check_names(datasets)
     start = time.perf_counter()
     results: dict[str, Any] = {
@@ -384,10 +388,17 @@ def run_lab(
         "datasets": {},
     }
     order = list(lab_data.DATASETS)
-    for name in datasets:
-        results["datasets"][name] = run_dataset(
-            name, config, seed=seed, index=order.index(name), out=out, progress=progress
-        )
-        results["seconds"] = round(time.perf_counter() - start, 1)
-        report.write(results, out)  # after every data set, so a long run that is stopped keeps what it has
+    try:
+        for name in datasets:
+            results["datasets"][name] = run_dataset(
+                name, config, seed=seed, index=order.index(name), out=out, progress=progress
+            )
+            results["seconds"] = round(time.perf_counter() - start, 1)
+            report.write(results, out)  # after every data set: a stopped run keeps what it has
+    except KeyboardInterrupt:
+        if results["datasets"]:  # with none finished, leave an earlier run's tables in ``out`` alone
+            results["stopped"] = [name for name in datasets if name not in results["datasets"]]
+            results["seconds"] = round(time.perf_counter() - start, 1)
+            report.write(results, out)
+        raise
     return results

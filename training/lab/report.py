@@ -24,6 +24,11 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def few_and_top(nfes: list[int] | tuple[int, ...]) -> tuple[int, int]:
+    """The budgets the targets and the summary compare: "few" (8, or the largest under 8) and the top."""
+    return (8 if 8 in nfes else max(n for n in nfes if n <= 8)), max(nfes)
+
+
 def _cell(row: dict[str, Any], budget: int) -> str:
     key = str(budget)
     if key not in row["w2"]:
@@ -64,9 +69,10 @@ def dataset_markdown(name: str, result: dict[str, Any], nfes: list[int]) -> list
 
 def summary_markdown(results: dict[str, Any]) -> list[str]:
     """One line per data set with the numbers the targets compare."""
+    few, top = few_and_top(results["config"]["nfes"])
     lines = [
-        "| data set | 1-RF euler@1 | 2-RF euler@1 | OT-CFM euler@1 | 1-RF euler@8 | 1-RF rk4@8 | DDIM@8 "
-        "| DDPM@100 | 1-RF euler@100 | straightness 1-RF / 2-RF / OT | targets met |",
+        f"| data set | 1-RF euler@1 | 2-RF euler@1 | OT-CFM euler@1 | 1-RF euler@{few} | 1-RF rk4@{few} "
+        f"| DDIM@{few} | DDPM@{top} | 1-RF euler@{top} | straightness 1-RF / 2-RF / OT | targets met |",
         "|---|" + "---:|" * 9 + "---|",
     ]
     for name, res in results["datasets"].items():
@@ -76,12 +82,11 @@ def summary_markdown(results: dict[str, Any]) -> list[str]:
             value = w.get((model, sampler, grid), {}).get(str(n))
             return "" if value is None else f"{value:.3f}"
 
-        top = max(results["config"]["nfes"])
         s = res["straightness"]
         met = sum(t["met"] for t in res["targets"].values())
         lines.append(
             f"| {name} | {get('1-RF', 'euler', 1)} | {get('2-RF', 'euler', 1)} | {get('OT-CFM', 'euler', 1)} "
-            f"| {get('1-RF', 'euler', 8)} | {get('1-RF', 'rk4', 8)} | {get('DDPM', 'ddim', 8, None)} "
+            f"| {get('1-RF', 'euler', few)} | {get('1-RF', 'rk4', few)} | {get('DDPM', 'ddim', few, None)} "
             f"| {get('DDPM', 'ddpm', top, None)} | {get('1-RF', 'euler', top)} "
             f"| {s['1-RF']:.3f} / {s['2-RF']:.3f} / {s['OT-CFM']:.3f} | {met}/{len(res['targets'])} |"
         )
@@ -90,13 +95,16 @@ def summary_markdown(results: dict[str, Any]) -> list[str]:
 
 def write(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
     """Write ``results.json`` and ``results.md`` into ``out``; returns their paths."""
-    out.mkdir(parents=True, exist_ok=True)
+    from mmdit_flow.weights.io import atomic_path
+
     json_path, md_path = out / "results.json", out / "results.md"
-    json_path.write_text(json.dumps(_finite(results), indent=1, allow_nan=False) + "\n")
+    with atomic_path(json_path) as tmp:  # a Ctrl-C while writing leaves the previous tables whole
+        tmp.write_text(json.dumps(_finite(results), indent=1, allow_nan=False) + "\n")
     nfes = list(results["config"]["nfes"])
     lines = [
         "# 2-D lab results",
         "",
+        *_status_lines(results),
         f"Command: `{results['command']}`. Seed {results['config']['seed']}, "
         f"total wall time {results['seconds']:.0f} s, torch threads {results['threads']}.",
         "",
@@ -114,5 +122,25 @@ def write(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
     ]
     for name, res in results["datasets"].items():
         lines += dataset_markdown(name, res, nfes)
-    md_path.write_text("\n".join(lines) + "\n")
+    with atomic_path(md_path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
     return json_path, md_path
+
+
+def _status_lines(results: dict[str, Any]) -> list[str]:
+    """Notes above the tables: a smoke run (``--quick``) and a run stopped before its last data set."""
+    lines = []
+    if results["config"].get("smoke"):
+        lines += [
+            "**Smoke run (`--quick`)**: tiny models trained for seconds. These numbers show that the lab "
+            "runs, not what the methods can do; run without `--quick` for the real tables.",
+            "",
+        ]
+    if results.get("stopped"):
+        done = ", ".join(results["datasets"])
+        lines += [
+            f"**Stopped** after {len(results['datasets'])} data set(s) ({done}); "
+            f"not run: {', '.join(results['stopped'])}.",
+            "",
+        ]
+    return lines

@@ -26,7 +26,7 @@ from mmdit_flow.training.lab.net import TimeMLP
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class LabTrainConfig:
     """Optimisation settings for one lab model; ``steps`` optimizer steps on batches of ``batch`` points."""
 
     steps: int = 2000
@@ -54,7 +54,7 @@ LossFn = Callable[[torch.nn.Module, torch.Generator], torch.Tensor]
 def fit(
     net: torch.nn.Module,
     loss_fn: LossFn,
-    config: TrainConfig,
+    config: LabTrainConfig,
     *,
     generator: torch.Generator,
     steps: int | None = None,
@@ -87,7 +87,7 @@ def fit(
 
 def train_rectified_flow(
     data: Sampler,
-    config: TrainConfig,
+    config: LabTrainConfig,
     *,
     generator: torch.Generator,
     progress: bool = True,
@@ -106,7 +106,7 @@ def train_rectified_flow(
 
 def train_ot_cfm(
     data: Sampler,
-    config: TrainConfig,
+    config: LabTrainConfig,
     *,
     generator: torch.Generator,
     progress: bool = True,
@@ -134,7 +134,7 @@ def train_reflow(
     base: TimeMLP,
     noise: torch.Tensor,
     x0: torch.Tensor,
-    config: TrainConfig,
+    config: LabTrainConfig,
     *,
     generator: torch.Generator,
     progress: bool = True,
@@ -159,7 +159,7 @@ def train_reflow(
 
 def train_ddpm(
     data: Sampler,
-    config: TrainConfig,
+    config: LabTrainConfig,
     *,
     generator: torch.Generator,
     progress: bool = True,
