@@ -10,7 +10,8 @@ Our names follow BFL's, so the original map only renames three things: QK-norm `
   ``proj_out``;
 - the final adaLN projection stores (scale, shift) where BFL and we store (shift, scale).
 
-Each map passes keys it does not know through unchanged and skips entries that are absent, so that the strict
+Both maps are rule tables (``diffusers_rules`` / ``original_rules``) for the engine in ``keymap.py``, which
+passes keys it does not know through unchanged and skips rules whose tensors are absent, so that the strict
 loader in ``mmdit_flow.weights`` reports missing and unexpected keys by their names.
 """
 
@@ -19,13 +20,11 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
-
-import torch
 
 from mmdit_flow.models.flux import MLP_RATIO, FluxConfig, FluxTransformer
 from mmdit_flow.weights.formats import KeyFormat, StateDict
+from mmdit_flow.weights.keymap import Rule, params
 
 logger = logging.getLogger(__name__)
 
@@ -161,141 +160,67 @@ def is_original(sd: StateDict) -> bool:
 # --------------------------------------------------------------------------------------------------- key maps
 
 
-@dataclass(frozen=True)
-class _Rule:
-    """Our module ``ours`` is the row-wise concatenation of their modules ``theirs`` (``sizes`` rows each)."""
-
-    ours: str
-    theirs: tuple[str, ...]
-    sizes: tuple[int, ...] = ()
-    swap_halves: bool = False  # (shift, scale) in ours, (scale, shift) in theirs
-    params: tuple[str, ...] = ("weight", "bias")
-
-
-def _same(ours: str, theirs: str, params: tuple[str, ...] = ("weight", "bias")) -> _Rule:
-    return _Rule(ours, (theirs,), params=params)
-
-
-def _diffusers_rules(c: FluxConfig) -> list[_Rule]:
+def diffusers_rules(c: FluxConfig) -> list[Rule]:
+    """Our parameter names and how each comes from diffusers' ``FluxTransformer2DModel`` state dict."""
     D, mlp = c.hidden_size, int(MLP_RATIO * c.hidden_size)
     norm = ("weight",)
-    rules = [
-        _same("img_in", "x_embedder"),
-        _same("txt_in", "context_embedder"),
-        _same("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
-        _same("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
-        _same("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
-        _same("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
-        _same("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
-        _same("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2"),
-        _same("final_layer.linear", "proj_out"),
-        _Rule("final_layer.modulation.lin", ("norm_out.linear",), swap_halves=True),
-    ]
+    rules = params("img_in", "x_embedder")
+    rules += params("txt_in", "context_embedder")
+    rules += params("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1")
+    rules += params("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2")
+    rules += params("vector_in.in_layer", "time_text_embed.text_embedder.linear_1")
+    rules += params("vector_in.out_layer", "time_text_embed.text_embedder.linear_2")
+    if c.guidance_embed:
+        rules += params("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1")
+        rules += params("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2")
+    rules += params("final_layer.linear", "proj_out")
+    rules += params("final_layer.modulation.lin", "norm_out.linear", "swap")
     for i in range(c.depth):
         ours, theirs = f"double_blocks.{i}", f"transformer_blocks.{i}"
         qkv, added = ("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj")
-        rules += [
-            _same(f"{ours}.img_mod.lin", f"{theirs}.norm1.linear"),
-            _same(f"{ours}.txt_mod.lin", f"{theirs}.norm1_context.linear"),
-            _Rule(f"{ours}.img_attn.qkv", tuple(f"{theirs}.attn.{n}" for n in qkv), (D, D, D)),
-            _Rule(f"{ours}.txt_attn.qkv", tuple(f"{theirs}.attn.{n}" for n in added), (D, D, D)),
-            _same(f"{ours}.img_attn.norm.query_norm", f"{theirs}.attn.norm_q", norm),
-            _same(f"{ours}.img_attn.norm.key_norm", f"{theirs}.attn.norm_k", norm),
-            _same(f"{ours}.txt_attn.norm.query_norm", f"{theirs}.attn.norm_added_q", norm),
-            _same(f"{ours}.txt_attn.norm.key_norm", f"{theirs}.attn.norm_added_k", norm),
-            _same(f"{ours}.img_attn.proj", f"{theirs}.attn.to_out.0"),
-            _same(f"{ours}.txt_attn.proj", f"{theirs}.attn.to_add_out"),
-            _same(f"{ours}.img_mlp.fc1", f"{theirs}.ff.net.0.proj"),
-            _same(f"{ours}.img_mlp.fc2", f"{theirs}.ff.net.2"),
-            _same(f"{ours}.txt_mlp.fc1", f"{theirs}.ff_context.net.0.proj"),
-            _same(f"{ours}.txt_mlp.fc2", f"{theirs}.ff_context.net.2"),
-        ]
+        rules += params(f"{ours}.img_mod.lin", f"{theirs}.norm1.linear")
+        rules += params(f"{ours}.txt_mod.lin", f"{theirs}.norm1_context.linear")
+        rules += params(f"{ours}.img_attn.qkv", [f"{theirs}.attn.{n}" for n in qkv], "cat", sizes=(D, D, D))
+        rules += params(f"{ours}.txt_attn.qkv", [f"{theirs}.attn.{n}" for n in added], "cat", sizes=(D, D, D))
+        rules += params(f"{ours}.img_attn.norm.query_norm", f"{theirs}.attn.norm_q", names=norm)
+        rules += params(f"{ours}.img_attn.norm.key_norm", f"{theirs}.attn.norm_k", names=norm)
+        rules += params(f"{ours}.txt_attn.norm.query_norm", f"{theirs}.attn.norm_added_q", names=norm)
+        rules += params(f"{ours}.txt_attn.norm.key_norm", f"{theirs}.attn.norm_added_k", names=norm)
+        rules += params(f"{ours}.img_attn.proj", f"{theirs}.attn.to_out.0")
+        rules += params(f"{ours}.txt_attn.proj", f"{theirs}.attn.to_add_out")
+        rules += params(f"{ours}.img_mlp.fc1", f"{theirs}.ff.net.0.proj")
+        rules += params(f"{ours}.img_mlp.fc2", f"{theirs}.ff.net.2")
+        rules += params(f"{ours}.txt_mlp.fc1", f"{theirs}.ff_context.net.0.proj")
+        rules += params(f"{ours}.txt_mlp.fc2", f"{theirs}.ff_context.net.2")
     for i in range(c.depth_single):
         ours, theirs = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
-        linear1 = tuple(f"{theirs}.{n}" for n in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"))
-        rules += [
-            _same(f"{ours}.modulation.lin", f"{theirs}.norm.linear"),
-            _Rule(f"{ours}.linear1", linear1, (D, D, D, mlp)),
-            _same(f"{ours}.linear2", f"{theirs}.proj_out"),
-            _same(f"{ours}.norm.query_norm", f"{theirs}.attn.norm_q", norm),
-            _same(f"{ours}.norm.key_norm", f"{theirs}.attn.norm_k", norm),
-        ]
+        linear1 = [f"{theirs}.{n}" for n in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")]
+        rules += params(f"{ours}.modulation.lin", f"{theirs}.norm.linear")
+        rules += params(f"{ours}.linear1", linear1, "cat", sizes=(D, D, D, mlp))
+        rules += params(f"{ours}.linear2", f"{theirs}.proj_out")
+        rules += params(f"{ours}.norm.query_norm", f"{theirs}.attn.norm_q", names=norm)
+        rules += params(f"{ours}.norm.key_norm", f"{theirs}.attn.norm_k", names=norm)
     return rules
 
 
-def _original_rules(c: FluxConfig) -> list[_Rule]:
+def original_rules(c: FluxConfig) -> list[Rule]:
     """Only the names that differ; everything else is identical in ours and the original."""
-    rules = [_same("final_layer.modulation.lin", "final_layer.adaLN_modulation.1")]
+    rules = params("final_layer.modulation.lin", "final_layer.adaLN_modulation.1")
     streams = [f"double_blocks.{i}.{s}" for i in range(c.depth) for s in ("img", "txt")]
     for s in streams:
         rules += [
-            _same(f"{s}_attn.norm.query_norm.weight", f"{s}_attn.norm.query_norm.scale", ("",)),
-            _same(f"{s}_attn.norm.key_norm.weight", f"{s}_attn.norm.key_norm.scale", ("",)),
-            _same(f"{s}_mlp.fc1", f"{s}_mlp.0"),
-            _same(f"{s}_mlp.fc2", f"{s}_mlp.2"),
+            Rule(f"{s}_attn.norm.query_norm.weight", (f"{s}_attn.norm.query_norm.scale",)),
+            Rule(f"{s}_attn.norm.key_norm.weight", (f"{s}_attn.norm.key_norm.scale",)),
         ]
+        rules += params(f"{s}_mlp.fc1", f"{s}_mlp.0")
+        rules += params(f"{s}_mlp.fc2", f"{s}_mlp.2")
     for i in range(c.depth_single):
+        s = f"single_blocks.{i}.norm"
         rules += [
-            _same(
-                f"single_blocks.{i}.norm.query_norm.weight", f"single_blocks.{i}.norm.query_norm.scale", ("",)
-            ),
-            _same(f"single_blocks.{i}.norm.key_norm.weight", f"single_blocks.{i}.norm.key_norm.scale", ("",)),
+            Rule(f"{s}.query_norm.weight", (f"{s}.query_norm.scale",)),
+            Rule(f"{s}.key_norm.weight", (f"{s}.key_norm.scale",)),
         ]
     return rules
-
-
-def _key(module: str, param: str) -> str:
-    return f"{module}.{param}" if param else module
-
-
-def _swap_halves(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=0)
-    return torch.cat([b, a], dim=0)
-
-
-def _to_theirs(sd: StateDict, rules: list[_Rule]) -> StateDict:
-    out = dict(sd)
-    for rule in rules:
-        for param in rule.params:
-            key = _key(rule.ours, param)
-            if key not in out:
-                continue
-            value = out.pop(key)
-            if rule.swap_halves:
-                value = _swap_halves(value)
-            parts = value.split(list(rule.sizes), dim=0) if rule.sizes else (value,)
-            for name, part in zip(rule.theirs, parts, strict=True):
-                out[_key(name, param)] = part.contiguous()
-    return out
-
-
-def _to_ours(sd: StateDict, rules: list[_Rule]) -> StateDict:
-    out = dict(sd)
-    for rule in rules:
-        for param in rule.params:
-            keys = [_key(name, param) for name in rule.theirs]
-            if not all(k in out for k in keys):
-                continue
-            parts = [out.pop(k) for k in keys]
-            value = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
-            out[_key(rule.ours, param)] = _swap_halves(value) if rule.swap_halves else value
-    return out
-
-
-def to_diffusers(sd: StateDict, config: FluxConfig) -> StateDict:
-    return _to_theirs(sd, _diffusers_rules(config))
-
-
-def from_diffusers(sd: StateDict, config: FluxConfig) -> StateDict:
-    return _to_ours(sd, _diffusers_rules(config))
-
-
-def to_original(sd: StateDict, config: FluxConfig) -> StateDict:
-    return _to_theirs(sd, _original_rules(config))
-
-
-def from_original(sd: StateDict, config: FluxConfig) -> StateDict:
-    return _to_ours(sd, _original_rules(config))
 
 
 FAMILY = KeyFormat(
@@ -307,8 +232,9 @@ FAMILY = KeyFormat(
     config_to_diffusers=config_to_diffusers,
     config_from_original=config_from_original,
     is_original=is_original,
-    from_diffusers=from_diffusers,
-    to_diffusers=to_diffusers,
-    from_original=from_original,
-    to_original=to_original,
+    diffusers_rules=diffusers_rules,
+    original_rules=original_rules,
 )
+# (state dict, FluxConfig) -> state dict
+from_diffusers, to_diffusers = FAMILY.from_diffusers, FAMILY.to_diffusers
+from_original, to_original = FAMILY.from_original, FAMILY.to_original

@@ -3,7 +3,8 @@
 Each family module (``sd3_keys.py``, ``flux_keys.py``) builds one ``KeyFormat``; the loader and saver only
 talk to families through it. State dicts are plain ``{name: tensor}`` dicts; "ours" means the names of our
 ``nn.Module``; "diffusers" the names of diffusers' transformer class; "original" the single-file checkpoint
-names (SD3 ``model.diffusion_model.*`` stripped of that prefix, or BFL Flux names).
+names (SD3 ``model.diffusion_model.*`` stripped of that prefix, or BFL Flux names). A family states each
+format as a table of ``keymap.Rule``; the engine in ``keymap.py`` applies it either way.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
-StateDict = dict[str, torch.Tensor]
+from mmdit_flow.weights.keymap import Rule, StateDict, to_ours, to_theirs
+
+__all__ = ["KeyFormat", "StateDict"]
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,17 @@ class KeyFormat:
     config_from_original: Callable[[StateDict], Any]  # original single-file state dict -> our config
     # do these (prefix-stripped) keys look like this family's original checkpoint?
     is_original: Callable[[StateDict], bool]
-    from_diffusers: Callable[[StateDict, Any], StateDict]  # (diffusers sd, our config) -> our sd
-    to_diffusers: Callable[[StateDict, Any], StateDict]  # (our sd, our config) -> diffusers sd
-    from_original: Callable[[StateDict, Any], StateDict]  # (original sd, our config) -> our sd
-    to_original: Callable[[StateDict, Any], StateDict]  # (our sd, our config) -> original sd
+    diffusers_rules: Callable[[Any], list[Rule]]  # our config -> ours <-> diffusers rules
+    original_rules: Callable[[Any], list[Rule]]  # our config -> ours <-> original rules
+
+    def from_diffusers(self, sd: StateDict, config: Any) -> StateDict:
+        return to_ours(sd, self.diffusers_rules(config))
+
+    def to_diffusers(self, sd: StateDict, config: Any) -> StateDict:
+        return to_theirs(sd, self.diffusers_rules(config))
+
+    def from_original(self, sd: StateDict, config: Any) -> StateDict:
+        return to_ours(sd, self.original_rules(config))
+
+    def to_original(self, sd: StateDict, config: Any) -> StateDict:
+        return to_theirs(sd, self.original_rules(config))

@@ -1,25 +1,20 @@
 """SD3 / SD3.5 checkpoint formats: our names <-> diffusers' ``SD3Transformer2DModel`` <-> the original file.
 
-Every parameter is listed explicitly (``diffusers_rules`` / ``original_rules``); a rule renames one tensor,
-fuses diffusers' separate q / k / v into our one qkv Linear (``cat``), or swaps the two halves of an adaLN
-(shift, scale) projection (``swap``): we and the original store (shift, scale), diffusers'
-``AdaLayerNormContinuous`` (the last block's text stream and the final layer) emits (scale, shift).
-
-Keys no rule consumes pass through unchanged, so that the loader's strict check names them as unexpected;
-a rule whose source keys are missing is skipped, so that its target is reported missing.
+Every parameter is listed explicitly (``diffusers_rules`` / ``original_rules``, tables for the engine in
+``keymap.py``); a rule renames one tensor, fuses diffusers' separate q / k / v into our one qkv Linear
+(``cat``), or swaps the two halves of an adaLN (shift, scale) projection (``swap``): we and the original store
+(shift, scale), diffusers' ``AdaLayerNormContinuous`` (the last block's text stream and the final layer)
+emits (scale, shift).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from mmdit_flow.models.sd3 import TIME_DIM, SD3Config, SD3Transformer
-
-from .formats import KeyFormat, StateDict
+from mmdit_flow.weights.formats import KeyFormat, StateDict
+from mmdit_flow.weights.keymap import Rule, params
 
 DIFFUSERS_CLASS = "SD3Transformer2DModel"
 # diffusers' SD3Transformer2DModel.__init__ defaults, used for keys a config.json leaves out
@@ -41,39 +36,23 @@ _DIFFUSERS_DEFAULTS: dict[str, Any] = {
 ORIGINAL_HEAD_DIM = 64  # every released SD3 / SD3.5 uses 64-wide heads; shapes only reveal it with qk-norm
 
 
-@dataclass(frozen=True)
-class Rule:
-    """ours <- op(theirs): "copy" (one key), "cat" (concatenated along dim 0), "swap" (halves exchanged)."""
-
-    ours: str
-    theirs: tuple[str, ...]
-    op: str = "copy"
-
-
-def _params(ours: str, theirs: str | tuple[str, ...], op: str = "copy", bias: bool = True) -> list[Rule]:
-    """Rules for a module's ``.weight`` (and ``.bias``)."""
-    theirs = (theirs,) if isinstance(theirs, str) else theirs
-    names = ("weight", "bias") if bias else ("weight",)
-    return [Rule(f"{ours}.{n}", tuple(f"{t}.{n}" for t in theirs), op) for n in names]
-
-
 # --------------------------------------------------------------------------------------------- diffusers
 
 
 def diffusers_rules(c: SD3Config) -> list[Rule]:
     """Our parameter names and how each comes from diffusers' ``SD3Transformer2DModel`` state dict."""
     rules = [Rule("pos_embed", ("pos_embed.pos_embed",))]
-    rules += _params("x_embedder.proj", "pos_embed.proj")
-    rules += _params("t_embedder.in_layer", "time_text_embed.timestep_embedder.linear_1")
-    rules += _params("t_embedder.out_layer", "time_text_embed.timestep_embedder.linear_2")
-    rules += _params("y_embedder.in_layer", "time_text_embed.text_embedder.linear_1")
-    rules += _params("y_embedder.out_layer", "time_text_embed.text_embedder.linear_2")
-    rules += _params("context_embedder", "context_embedder")
+    rules += params("x_embedder.proj", "pos_embed.proj")
+    rules += params("t_embedder.in_layer", "time_text_embed.timestep_embedder.linear_1")
+    rules += params("t_embedder.out_layer", "time_text_embed.timestep_embedder.linear_2")
+    rules += params("y_embedder.in_layer", "time_text_embed.text_embedder.linear_1")
+    rules += params("y_embedder.out_layer", "time_text_embed.text_embedder.linear_2")
+    rules += params("context_embedder", "context_embedder")
     for i in range(c.depth):
         o, d = f"blocks.{i}", f"transformer_blocks.{i}"
         pre_only = i == c.depth - 1
         # image stream
-        rules += _params(f"{o}.img.mod.lin", f"{d}.norm1.linear")
+        rules += params(f"{o}.img.mod.lin", f"{d}.norm1.linear")
         rules += _attention_diffusers(
             c, f"{o}.img.attn", f"{d}.attn", ("to_q", "to_k", "to_v"), "norm_", "to_out.0"
         )
@@ -81,31 +60,31 @@ def diffusers_rules(c: SD3Config) -> list[Rule]:
             rules += _attention_diffusers(
                 c, f"{o}.img.attn2", f"{d}.attn2", ("to_q", "to_k", "to_v"), "norm_", "to_out.0"
             )
-        rules += _params(f"{o}.img.mlp.fc1", f"{d}.ff.net.0.proj")
-        rules += _params(f"{o}.img.mlp.fc2", f"{d}.ff.net.2")
+        rules += params(f"{o}.img.mlp.fc1", f"{d}.ff.net.0.proj")
+        rules += params(f"{o}.img.mlp.fc2", f"{d}.ff.net.2")
         # text stream
         proj = None if pre_only else "to_add_out"
-        rules += _params(f"{o}.txt.mod.lin", f"{d}.norm1_context.linear", "swap" if pre_only else "copy")
+        rules += params(f"{o}.txt.mod.lin", f"{d}.norm1_context.linear", "swap" if pre_only else "copy")
         rules += _attention_diffusers(
             c, f"{o}.txt.attn", f"{d}.attn", ("add_q_proj", "add_k_proj", "add_v_proj"), "norm_added_", proj
         )
         if not pre_only:
-            rules += _params(f"{o}.txt.mlp.fc1", f"{d}.ff_context.net.0.proj")
-            rules += _params(f"{o}.txt.mlp.fc2", f"{d}.ff_context.net.2")
-    rules += _params("final.mod.lin", "norm_out.linear", "swap")
-    rules += _params("final.linear", "proj_out")
+            rules += params(f"{o}.txt.mlp.fc1", f"{d}.ff_context.net.0.proj")
+            rules += params(f"{o}.txt.mlp.fc2", f"{d}.ff_context.net.2")
+    rules += params("final.mod.lin", "norm_out.linear", "swap")
+    rules += params("final.linear", "proj_out")
     return rules
 
 
 def _attention_diffusers(
     c: SD3Config, ours: str, theirs: str, qkv: tuple[str, str, str], norm: str, proj: str | None
 ) -> list[Rule]:
-    rules = _params(f"{ours}.qkv", tuple(f"{theirs}.{n}" for n in qkv), "cat")
+    rules = params(f"{ours}.qkv", tuple(f"{theirs}.{n}" for n in qkv), "cat")
     if c.qk_norm:
         rules += [Rule(f"{ours}.norm_q.weight", (f"{theirs}.{norm}q.weight",))]
         rules += [Rule(f"{ours}.norm_k.weight", (f"{theirs}.{norm}k.weight",))]
     if proj is not None:
-        rules += _params(f"{ours}.proj", f"{theirs}.{proj}")
+        rules += params(f"{ours}.proj", f"{theirs}.{proj}")
     return rules
 
 
@@ -115,80 +94,31 @@ def _attention_diffusers(
 def original_rules(c: SD3Config) -> list[Rule]:
     """Our parameter names and how each comes from an original SD3 / SD3.5 single file (prefix stripped)."""
     rules = [Rule("pos_embed", ("pos_embed",))]
-    rules += _params("x_embedder.proj", "x_embedder.proj")
-    rules += _params("t_embedder.in_layer", "t_embedder.mlp.0")
-    rules += _params("t_embedder.out_layer", "t_embedder.mlp.2")
-    rules += _params("y_embedder.in_layer", "y_embedder.mlp.0")
-    rules += _params("y_embedder.out_layer", "y_embedder.mlp.2")
-    rules += _params("context_embedder", "context_embedder")
+    rules += params("x_embedder.proj", "x_embedder.proj")
+    rules += params("t_embedder.in_layer", "t_embedder.mlp.0")
+    rules += params("t_embedder.out_layer", "t_embedder.mlp.2")
+    rules += params("y_embedder.in_layer", "y_embedder.mlp.0")
+    rules += params("y_embedder.out_layer", "y_embedder.mlp.2")
+    rules += params("context_embedder", "context_embedder")
     for i in range(c.depth):
         pre_only = i == c.depth - 1
         for ours, theirs in (("img", "x_block"), ("txt", "context_block")):
             o, s = f"blocks.{i}.{ours}", f"joint_blocks.{i}.{theirs}"
-            rules += _params(f"{o}.mod.lin", f"{s}.adaLN_modulation.1")
+            rules += params(f"{o}.mod.lin", f"{s}.adaLN_modulation.1")
             attns = ("attn", "attn2") if ours == "img" and i in c.dual_attention_layers else ("attn",)
             for attn in attns:
-                rules += _params(f"{o}.{attn}.qkv", f"{s}.{attn}.qkv")
+                rules += params(f"{o}.{attn}.qkv", f"{s}.{attn}.qkv")
                 if c.qk_norm:
                     rules += [Rule(f"{o}.{attn}.norm_q.weight", (f"{s}.{attn}.ln_q.weight",))]
                     rules += [Rule(f"{o}.{attn}.norm_k.weight", (f"{s}.{attn}.ln_k.weight",))]
                 if not (ours == "txt" and pre_only):
-                    rules += _params(f"{o}.{attn}.proj", f"{s}.{attn}.proj")
+                    rules += params(f"{o}.{attn}.proj", f"{s}.{attn}.proj")
             if not (ours == "txt" and pre_only):
-                rules += _params(f"{o}.mlp.fc1", f"{s}.mlp.fc1")
-                rules += _params(f"{o}.mlp.fc2", f"{s}.mlp.fc2")
-    rules += _params("final.mod.lin", "final_layer.adaLN_modulation.1")
-    rules += _params("final.linear", "final_layer.linear")
+                rules += params(f"{o}.mlp.fc1", f"{s}.mlp.fc1")
+                rules += params(f"{o}.mlp.fc2", f"{s}.mlp.fc2")
+    rules += params("final.mod.lin", "final_layer.adaLN_modulation.1")
+    rules += params("final.linear", "final_layer.linear")
     return rules
-
-
-# --------------------------------------------------------------------------------------------- applying rules
-
-
-def _apply(sd: StateDict, rules: list[Rule], to_ours: bool) -> StateDict:
-    """Rename / fuse / split / swap every tensor a rule covers; pass the rest through unchanged."""
-    out: StateDict = {}
-    consumed: set[str] = set()
-    for rule in rules:
-        src = rule.theirs if to_ours else (rule.ours,)
-        if not all(k in sd for k in src):
-            continue  # left for the loader's strict check to report
-        consumed.update(src)
-        tensors = [sd[k] for k in src]
-        if rule.op == "copy":
-            results = tensors
-        elif rule.op == "swap":  # (a, b) -> (b, a); its own inverse
-            a, b = tensors[0].chunk(2, dim=0)
-            results = [torch.cat([b, a], dim=0)]
-        elif rule.op == "cat":
-            if to_ours:
-                results = [torch.cat(tensors, dim=0)]
-            else:  # clones: safetensors refuses tensors that share storage
-                results = [part.clone() for part in tensors[0].chunk(len(rule.theirs), dim=0)]
-        else:  # pragma: no cover - the tables above only use the three ops
-            raise ValueError(f"unknown rule op {rule.op!r}")
-        for key, value in zip((rule.ours,) if to_ours else rule.theirs, results, strict=True):
-            out[key] = value
-    for key, value in sd.items():
-        if key not in consumed and key not in out:
-            out[key] = value
-    return out
-
-
-def from_diffusers(sd: StateDict, config: SD3Config) -> StateDict:
-    return _apply(sd, diffusers_rules(config), to_ours=True)
-
-
-def to_diffusers(sd: StateDict, config: SD3Config) -> StateDict:
-    return _apply(sd, diffusers_rules(config), to_ours=False)
-
-
-def from_original(sd: StateDict, config: SD3Config) -> StateDict:
-    return _apply(sd, original_rules(config), to_ours=True)
-
-
-def to_original(sd: StateDict, config: SD3Config) -> StateDict:
-    return _apply(sd, original_rules(config), to_ours=False)
 
 
 # --------------------------------------------------------------------------------------------- configs
@@ -302,8 +232,9 @@ FAMILY = KeyFormat(
     config_to_diffusers=config_to_diffusers,
     config_from_original=config_from_original,
     is_original=is_original,
-    from_diffusers=from_diffusers,
-    to_diffusers=to_diffusers,
-    from_original=from_original,
-    to_original=to_original,
+    diffusers_rules=diffusers_rules,
+    original_rules=original_rules,
 )
+# (state dict, SD3Config) -> state dict
+from_diffusers, to_diffusers = FAMILY.from_diffusers, FAMILY.to_diffusers
+from_original, to_original = FAMILY.from_original, FAMILY.to_original
