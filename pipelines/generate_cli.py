@@ -1,12 +1,23 @@
-"""``mmdit-flow generate``: text to PNG files with a diffusers SD3 / Flux folder (or the demo model)."""
+"""``mmdit-flow generate``: text to image files with a diffusers SD3 / Flux folder (or the demo model).
+
+The file format follows the output's suffix (``FORMATS``). Beside the images, ``metadata.jsonl`` records each
+file's prompt (the Hugging Face imagefolder convention, one ``{"file_name", "text"}`` object per line) so that
+``mmdit-flow eval FOLDER`` can score them; a later run into the same folder adds its lines and replaces those
+of the files it overwrote. Files are written atomically and get the mode a plain ``open()`` gives (the umask).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-HELP = "Generate images from a text prompt and write them as PNG files."
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+HELP = "Generate images from a text prompt and write them as PNG, JPEG or WebP files."
 DTYPES = {
     "float32": "float32",
     "fp32": "float32",
@@ -15,24 +26,45 @@ DTYPES = {
     "float16": "float16",
     "fp16": "float16",
 }
+# output suffix -> (PIL format, save options); a name without a suffix gets ".png"
+FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
+    ".png": ("PNG", {}),
+    ".jpg": ("JPEG", {"quality": 95}),
+    ".jpeg": ("JPEG", {"quality": 95}),
+    ".webp": ("WEBP", {"quality": 95}),
+}
+METADATA = "metadata.jsonl"  # what `mmdit-flow eval` reads (training/eval_cli.py)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="the text prompt")
     parser.add_argument("--model", default=None, help="diffusers SD3 / Flux folder (default: the demo model)")
-    parser.add_argument("--steps", type=int, default=28, help="sampling steps (default 28)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     parser.add_argument(
-        "--guidance", type=float, default=None, help="guidance scale (SD3: CFG, Flux dev: distilled)"
+        "--guidance",
+        type=float,
+        default=None,
+        help="guidance scale, SD3: CFG, Flux dev: distilled (default: the model's)",
     )
     parser.add_argument("--seed", type=int, default=None, help="random seed (same seed, same image)")
-    parser.add_argument("--height", type=int, default=None, help="image height in pixels")
-    parser.add_argument("--width", type=int, default=None, help="image width in pixels")
+    parser.add_argument(
+        "--height", type=int, default=None, help="image height in pixels (default: the model's native size)"
+    )
+    parser.add_argument(
+        "--width", type=int, default=None, help="image width in pixels (default: the model's native size)"
+    )
     parser.add_argument("--negative", default=None, help="negative prompt")
     parser.add_argument("--num-images", type=int, default=1, help="images to generate (default 1)")
     parser.add_argument("--sampler", default="euler", help="euler | midpoint | heun | rk4")
-    parser.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (SD3 256, Flux 512)")
     parser.add_argument(
-        "-o", "--output", default="out.png", help="output PNG; several: out-0.png, out-1.png ..."
+        "--max-sequence-length", type=int, default=None, help="T5 tokens (default: the model's)"
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        default="out.png",
+        help="output file, .png, .jpg/.jpeg or .webp (default out.png); several: out-0.png, out-1.png ...; "
+        f"each file's prompt goes to {METADATA} beside it (for `mmdit-flow eval`)",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument(
@@ -45,13 +77,67 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def output_paths(output: str, n: int) -> list[Path]:
-    """out.png for one image; out-0.png, out-1.png ... for several."""
+    """out.png for one image; out-0.png, out-1.png ... for several; ``out`` becomes out.png.
+
+    ValueError for a suffix that is not an image format we write (``FORMATS``).
+    """
     path = Path(output)
-    if path.suffix.lower() != ".png":
+    if not path.suffix:
         path = path.with_name(path.name + ".png")
+    if path.suffix.lower() not in FORMATS:
+        raise ValueError(
+            f"-o {output}: unknown image format {path.suffix!r}; end the name in one of {', '.join(FORMATS)}"
+        )
     if n == 1:
         return [path]
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
+
+
+def save_image(image: Image.Image, path: Path) -> None:
+    """Write ``image`` in the format its suffix names, atomically (no half-written file on a stop)."""
+    from mmdit_flow.weights.io import atomic_path
+
+    fmt, options = FORMATS[path.suffix.lower()]
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=fmt, **options)
+
+
+def read_captions(path: Path) -> dict[str, str]:
+    """file_name -> text of an existing ``metadata.jsonl`` (empty when there is none)."""
+    from mmdit_flow.training.eval_cli import read_metadata
+
+    if not path.is_file():
+        return {}
+    try:
+        return dict(read_metadata(path))
+    except ValueError as err:
+        raise ValueError(f"{err}; fix or delete {path}, where generate records each image's prompt") from err
+
+
+def write_captions(path: Path, captions: dict[str, str]) -> None:
+    from mmdit_flow.weights.io import atomic_path
+
+    lines = [json.dumps({"file_name": name, "text": text}) for name, text in captions.items()]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def check_device(name: str) -> None:
+    """ValueError, saying what to pass instead, for a device this machine cannot run on."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r} is not a device name ({err}); use cpu, cuda or cuda:N") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "no CUDA GPU is visible" if torch.version.cuda else "this torch is built without CUDA"
+            raise ValueError(f"--device {name}: {why}; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,6 +150,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    # everything that can be checked before loading a model is checked first
+    paths = output_paths(args.output, args.num_images)
+    captions_path = paths[0].parent / METADATA
+    captions = read_captions(captions_path)
+    if args.device is not None:
+        check_device(args.device)
+
     import torch
 
     from mmdit_flow.pipelines import TextToImagePipeline
@@ -72,22 +165,26 @@ def _generate(args: argparse.Namespace) -> int:
     pipe = TextToImagePipeline.from_pretrained(
         args.model, device=args.device, dtype=dtype, offload=args.offload
     )
+    # only what the user gave: the rest are the model's defaults
+    given = {
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "height": args.height,
+        "width": args.width,
+        "max_sequence_length": args.max_sequence_length,
+    }
     images = pipe(
         [args.prompt],
-        steps=args.steps,
-        guidance=args.guidance,
         negative_prompt=args.negative,
-        height=args.height,
-        width=args.width,
         seed=args.seed,
         num_images=args.num_images,
         sampler=args.sampler,
-        max_sequence_length=args.max_sequence_length,
         progress=not args.no_progress,
+        **{name: value for name, value in given.items() if value is not None},
     )
-    paths = output_paths(args.output, len(images))
     for image, path in zip(images, paths, strict=True):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
+        save_image(image, path)
+        captions[path.name] = args.prompt
         print(path)
+    write_captions(captions_path, captions)
     return 0
