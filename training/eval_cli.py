@@ -1,7 +1,8 @@
 """``mmdit-flow eval IMAGE_DIR``: score images against their captions with the captioned-shapes evaluator.
 
 The captions come from a ``metadata.jsonl`` (Hugging Face imagefolder convention: one JSON object per line
-with ``file_name`` relative to the image folder and ``text``), by default the one inside IMAGE_DIR.
+with ``file_name`` relative to the image folder and ``text``), by default the one inside IMAGE_DIR, which is
+what ``mmdit-flow generate`` writes beside its images.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--captions",
         type=Path,
         default=None,
-        help="metadata.jsonl with 'file_name' and 'text' per line (default: IMAGE_DIR/metadata.jsonl)",
+        help="metadata.jsonl with 'file_name' and 'text' per line (default: IMAGE_DIR/metadata.jsonl, "
+        "which `mmdit-flow generate` writes)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the results, per image too, here")
 
