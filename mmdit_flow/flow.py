@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+# a velocity field: velocity_fn(x, t, **cond) -> v with the shape of x, t a float or a tensor [B]
 VelocityFn = Callable[..., torch.Tensor]
 
 SCHEMES = ("uniform", "logit_normal", "mode", "cosmap")

@@ -16,14 +16,13 @@ network must not mix samples (no batch norm in training mode).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from mmdit_flow import sampling
+from mmdit_flow.flow import VelocityFn
 
-VelocityFn = Callable[..., torch.Tensor]
 PROBES = ("rademacher", "gaussian")
 
 

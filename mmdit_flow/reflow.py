@@ -13,14 +13,12 @@ scipy is imported inside ``ot_assignment`` only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 
 from mmdit_flow import sampling
-
-VelocityFn = Callable[..., torch.Tensor]
+from mmdit_flow.flow import VelocityFn
 
 
 class Coupling(NamedTuple):

@@ -6,7 +6,8 @@ velocity function (``cfg``) instead of living inside a solver.
 
 Numerics: the ODE state is kept in fp32 (fp64 when started from fp64) whatever dtype the network returns;
 the network sees the state cast to the dtype of the ``x`` it was started from (a bf16 start runs a bf16
-network). Solvers return the state in its fp32 (or fp64) dtype.
+network). Solvers return the state in its fp32 (or fp64) dtype; t is passed to the network in the state
+dtype (fp32, or fp64 in an fp64 solve).
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from mmdit_flow.flow import shift_t
+from mmdit_flow.flow import VelocityFn, shift_t
 
-VelocityFn = Callable[..., torch.Tensor]
 Callback = Callable[[int, float, torch.Tensor], None]
 
 GRIDS = ("scheduler", "linear")
@@ -117,7 +117,8 @@ class _Field:
 
     def __call__(self, x: torch.Tensor, t: float) -> torch.Tensor:
         self.nfe += 1
-        tt = torch.full((self.batch,), t, dtype=torch.float32, device=self.device)
+        # t in the state dtype: fp32 for networks, fp64 in an fp64 solve (fp32 midpoints would cost 1e-8)
+        tt = torch.full((self.batch,), t, dtype=self.state_dtype, device=self.device)
         v = self.fn(x.to(self.dtype), tt, **self.cond)
         if v.shape != x.shape:
             raise ValueError(f"velocity_fn returned shape {tuple(v.shape)} for a state {tuple(x.shape)}")
@@ -324,7 +325,8 @@ def cfg(velocity_fn: VelocityFn, scale: float, **uncond: Any) -> VelocityFn:
     The returned ``fn(x, t, **cond)`` runs uncond and cond in one batched forward: x and t are repeated and
     each tensor kwarg is concatenated as [uncond, cond] along dim 0 (diffusers' order); non-tensor kwargs are
     passed through. Every tensor in cond needs its counterpart in ``uncond``. scale = 1 runs only the cond
-    forward, scale = 0 only the uncond one. The combination is done in fp32.
+    forward, scale = 0 only the uncond one. The combination is done in fp32, or in the wider dtype of the
+    network's output or of x (fp64 in an fp64 solve).
     """
     if not math.isfinite(scale) or scale < 0:
         raise ValueError(f"guidance scale must be >= 0 (1 = no guidance); got {scale}")
@@ -350,7 +352,9 @@ def cfg(velocity_fn: VelocityFn, scale: float, **uncond: Any) -> VelocityFn:
                 )
             both[name] = torch.cat([uncond[name], value])  # [2B, ...]
         v = velocity_fn(torch.cat([x, x]), torch.cat([t, t]), **both)  # [2B, ...]
-        v_u, v_c = v.float().chunk(2)
+        # at least fp32 (a bf16 network's output), never narrower than the state (an fp64 solve stays fp64)
+        wide = torch.promote_types(torch.promote_types(v.dtype, x.dtype), torch.float32)
+        v_u, v_c = v.to(wide).chunk(2)
         return v_u + scale * (v_c - v_u)
 
     return guided
