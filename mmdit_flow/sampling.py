@@ -23,6 +23,9 @@ from mmdit_flow.flow import VelocityFn, shift_t
 Callback = Callable[[int, float, torch.Tensor], None]
 
 GRIDS = ("scheduler", "linear")
+# An upper bound for ``timesteps``: far more than any sampler needs (the error of a 2nd-order solver at 1000
+# steps is below fp32 rounding) and far below where neighbouring fp32 times coincide (~10^7 at shift 3).
+MAX_STEPS = 100_000
 METHODS = ("euler", "midpoint", "heun", "rk4")
 
 
@@ -58,14 +61,17 @@ def timesteps(
       in fp32, then shifted.
 
     Shift: with ``mu`` the exponential shift t' = e^mu / (e^mu + 1/t - 1) (see ``flow.flux_mu``), otherwise
-    the static t' = shift * t / (1 + (shift - 1) * t). A final 0 is appended.
+    the static t' = shift * t / (1 + (shift - 1) * t). A final 0 is appended. ``steps`` is at most
+    ``MAX_STEPS`` (100 000).
     """
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be an integer in [1, {MAX_STEPS}]; got {steps!r}")
     if mu is not None and shift != 1.0:
         raise ValueError("pass either a static shift or a dynamic mu, not both (mu replaces shift)")
-    if shift <= 0:
-        raise ValueError(f"shift must be > 0; got {shift}")
+    if not math.isfinite(shift) or shift <= 0:
+        raise ValueError(f"shift must be a finite number > 0; got {shift}")
+    if mu is not None and not math.isfinite(mu):
+        raise ValueError(f"mu must be a finite number; got {mu}")
     if grid == "scheduler":
         # diffusers computes the scheduler's training sigmas in fp32 (shifted when static), takes the last
         # as t_min, and spaces the inference grid in float64.
@@ -80,6 +86,11 @@ def timesteps(
         raise ValueError(f"unknown grid {grid!r}; valid: {', '.join(GRIDS)}")
     ts = _exp_time_shift(ts, mu) if mu is not None else shift_t(ts, shift)
     ts = torch.cat([ts.float(), ts.new_zeros(1, dtype=torch.float32)])
+    if not bool((ts[1:] < ts[:-1]).all()):  # neighbouring times rounded to one fp32 value
+        raise ValueError(
+            f"steps={steps} is too fine for an fp32 time grid with these settings (shift={shift}, mu={mu}): "
+            "neighbouring times coincide; use fewer steps"
+        )
     return ts.to(device)
 
 

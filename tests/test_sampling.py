@@ -62,8 +62,16 @@ def test_timesteps_shape_ends_and_bad_input():
     assert bool((ts[1:] < ts[:-1]).all())
     with pytest.raises(ValueError, match="scheduler, linear"):
         sampling.timesteps(4, grid="karras")
-    with pytest.raises(ValueError, match=">= 1"):
-        sampling.timesteps(0)
+    for bad in (0, True, 2.0, sampling.MAX_STEPS + 1, 10**12):  # 10^12 would allocate 8 TB before failing
+        with pytest.raises(ValueError, match=r"steps must be an integer in \[1, 100000\]"):
+            sampling.timesteps(bad)
+    with pytest.raises(ValueError, match="steps=100000 is too fine for an fp32 time grid"):
+        sampling.timesteps(sampling.MAX_STEPS, shift=1000.0)  # t' ~ t / 1000 near t = 1: times coincide
+    for shift in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(ValueError, match="shift must be a finite number > 0"):
+            sampling.timesteps(4, shift=shift)
+    with pytest.raises(ValueError, match="mu must be a finite number"):
+        sampling.timesteps(4, mu=float("nan"))
     with pytest.raises(ValueError, match="not both"):
         sampling.timesteps(4, shift=3.0, mu=0.5)
 
