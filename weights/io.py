@@ -66,8 +66,9 @@ def _names(items: list[str], show: int = _SHOW) -> str:
 # ---------------------------------------------------------------------------------------------------- reading
 
 
-def _check_not_lfs_pointer(path: Path) -> None:
+def check_not_lfs_pointer(path: str | os.PathLike) -> None:
     """Raise if ``path`` is a Git LFS pointer (a small text file) instead of the real content."""
+    path = Path(path)
     if path.stat().st_size > 1024:
         return
     head = path.read_bytes()
@@ -80,12 +81,15 @@ def _check_not_lfs_pointer(path: Path) -> None:
         )
 
 
+_check_not_lfs_pointer = check_not_lfs_pointer  # the name it had before it was shared with the pipelines
+
+
 def read_json(path: str | os.PathLike) -> dict:
     """Read a JSON object from ``path``; LFS pointers and invalid JSON raise an error naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    _check_not_lfs_pointer(path)
+    check_not_lfs_pointer(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -104,7 +108,7 @@ def read_safetensors_header(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    _check_not_lfs_pointer(path)
+    check_not_lfs_pointer(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -165,7 +169,7 @@ def _read_pickle(path: Path, allow_pickle: bool, device: str | torch.device) -> 
             "torch.load(weights_only=True)), or convert it once to safetensors: "
             f"`mmdit-flow convert {path} OUT --to diffusers --allow-pickle`"
         )
-    _check_not_lfs_pointer(path)
+    check_not_lfs_pointer(path)
     try:
         obj = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
@@ -195,18 +199,32 @@ def _read_file(path: Path, allow_pickle: bool, device: str | torch.device) -> Ch
     )
 
 
-def _read_sharded(index_path: Path, allow_pickle: bool, device: str | torch.device) -> Checkpoint:
-    index = read_json(index_path)
-    weight_map = index.get("weight_map")
+def read_shard_index(index_path: str | os.PathLike) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> shard file) of a sharded-checkpoint index, each shard a plain file
+    name present beside the index."""
+    index_path = Path(index_path)
+    weight_map = read_json(index_path).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_path} has no 'weight_map': it is not a sharded-checkpoint index")
-    shards = sorted(set(weight_map.values()))
+    shards = sorted({str(s) for s in weight_map.values()})
+    # a shard is a file beside the index: a path ("../x", "/abs") would read a file from elsewhere
+    if outside := [s for s in shards if Path(s).name != s or s in (".", "..")]:
+        raise CheckpointError(
+            f"{index_path} names shards that are not plain file names in its folder: {_names(outside)}; "
+            "re-download the index"
+        )
     missing = [s for s in shards if not (index_path.parent / s).is_file()]
     if missing:
         raise CheckpointError(
             f"{index_path} names shard files that are not in {index_path.parent}: {_names(missing)}; "
             "download the missing shards"
         )
+    return weight_map
+
+
+def _read_sharded(index_path: Path, allow_pickle: bool, device: str | torch.device) -> Checkpoint:
+    weight_map = read_shard_index(index_path)
+    shards = sorted(set(weight_map.values()))
     out = Checkpoint({}, {}, [index_path])
     for shard in shards:
         part = _read_file(index_path.parent / shard, allow_pickle, device)
@@ -440,6 +458,28 @@ class LoadResult:
     mismatched: list[str] = field(default_factory=list)  # "name: checkpoint [a, b] vs model [c, d]"
 
 
+def _problems(result: LoadResult) -> list[tuple[str, list[str]]]:
+    """("3 missing keys", [names]) for each non-empty kind of mismatch."""
+    kinds = (
+        ("missing keys", result.missing),
+        ("unexpected keys", result.unexpected),
+        ("shape mismatches", result.mismatched),
+    )
+    return [(f"{len(items)} {what}", items) for what, items in kinds if items]
+
+
+def mismatch_error(
+    result: LoadResult, model_name: str, source: str | os.PathLike | None = None
+) -> CheckpointError:
+    """The error for a checkpoint whose keys do not match the model: each kind of mismatch, with names."""
+    where = f" from {source}" if source else ""
+    lines = "\n".join(f"  {head}: {_names(items, 10)}" for head, items in _problems(result))
+    return CheckpointError(
+        f"the checkpoint{where} does not match {model_name}:\n{lines}\n"
+        "check that the checkpoint and the model config are the same architecture"
+    )
+
+
 def _on_meta(model: nn.Module) -> list[str]:
     tensors = [*model.named_parameters(), *model.named_buffers()]
     return sorted(name for name, t in tensors if t.is_meta)
@@ -472,21 +512,9 @@ def load_into(
             if state_dict[k].shape != expected[k].shape
         ],
     )
-    problems = [
-        (f"{len(items)} {what}", items)
-        for what, items in (
-            ("missing keys", result.missing),
-            ("unexpected keys", result.unexpected),
-            ("shape mismatches", result.mismatched),
-        )
-        if items
-    ]
+    problems = _problems(result)
     if problems and strict:
-        lines = "\n".join(f"  {head}: {_names(items, 10)}" for head, items in problems)
-        raise CheckpointError(
-            f"the checkpoint{where} does not match {type(model).__name__}:\n{lines}\n"
-            "check that the checkpoint and the model config are the same architecture"
-        )
+        raise mismatch_error(result, type(model).__name__, source)
     if problems:
         summary = "; ".join(head for head, _ in problems)
         logger.warning("loading%s into %s: %s", where, type(model).__name__, summary)
