@@ -124,9 +124,10 @@ def stage(components: str | Path, out: str | Path, config: Any, shift: float = S
 def checkpoint_transformer(checkpoint: str | Path, config: Any, out: str | Path, *, ema: bool = True) -> Path:
     """Export the transformer of an accelerate checkpoint (``<run>/checkpoints/step-*``) as a diffusers
     folder ``out``: the EMA weights when the checkpoint holds them and ``ema``, else the raw weights."""
-    import torch
     from safetensors.torch import load_file
 
+    from mmdit_flow.training.checkpoint import EMA_FILE, refuse_pickled_state
+    from mmdit_flow.training.ema import EMA
     from mmdit_flow.training.trainer import build_model
     from mmdit_flow.weights import save_transformer
 
@@ -136,15 +137,12 @@ def checkpoint_transformer(checkpoint: str | Path, config: Any, out: str | Path,
         raise FileNotFoundError(f"{weights} is missing; pass a complete checkpoint folder (step-XXXXXXXX)")
     model = build_model(config)
     model.load_state_dict(load_file(str(weights)))
-    if ema:
-        for pkl in sorted(checkpoint.glob("custom_checkpoint_*.pkl")):
-            state = torch.load(pkl, map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and "shadow" in state:
-                params = dict(model.named_parameters())
-                with torch.no_grad():
-                    for name, w in state["shadow"].items():
-                        params[name].copy_(w)
-                logger.info("using the EMA weights of %s", pkl)
+    refuse_pickled_state(checkpoint)
+    if ema and (checkpoint / EMA_FILE).is_file():
+        averaged = EMA(model, decay=0.0)
+        averaged.load(checkpoint / EMA_FILE)
+        averaged.copy_to(model)
+        logger.info("using the EMA weights of %s", checkpoint / EMA_FILE)
     return save_transformer(model.eval(), out, format="diffusers")
 
 

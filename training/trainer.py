@@ -25,7 +25,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,8 @@ from mmdit_flow.training.data import (
     collate,
     scan_folder,
 )
+from mmdit_flow.training.ema import EMA
+from mmdit_flow.training.export import export_final, validation_grid
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainState:
-    """Counters saved in every checkpoint (registered with ``accelerator.register_for_checkpointing``)."""
+    """Counters saved in every checkpoint (as JSON, in ``train_state.json``)."""
 
     step: int = 0  # step batches consumed: optimizer steps plus skipped ones
     optimizer_steps: int = 0
@@ -71,45 +73,11 @@ class TrainState:
         return dataclasses.asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        names = {f.name for f in dataclasses.fields(self)}
+        if set(state) != names:
+            raise ValueError(f"train state has fields {sorted(state)}, expected {sorted(names)}")
         for key, value in state.items():
             setattr(self, key, value)
-
-
-class EMA:
-    """Exponential moving average of the trainable weights: ema <- decay * ema + (1 - decay) * w (fp32)."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for name, p in model.named_parameters():
-            if name in self.shadow:
-                self.shadow[name].lerp_(p.detach().float(), 1 - self.decay)
-
-    @contextlib.contextmanager
-    def applied(self, model: nn.Module) -> Iterator[nn.Module]:
-        """The model with the EMA weights for the duration of the block (validation, export)."""
-        params = dict(model.named_parameters())
-        saved = {n: params[n].detach().clone() for n in self.shadow}
-        with torch.no_grad():
-            for n, w in self.shadow.items():
-                params[n].copy_(w)
-        try:
-            yield model
-        finally:
-            with torch.no_grad():
-                for n, w in saved.items():
-                    params[n].copy_(w)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "shadow": self.shadow}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.decay = state["decay"]
-        for n, w in state["shadow"].items():
-            self.shadow[n].copy_(w)
 
 
 # ------------------------------------------------------------------------------------- model, optimizer
@@ -368,60 +336,6 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-# ------------------------------------------------------------------------------------- validation, export
-
-
-def validation_grid(model: nn.Module, conditioner: Conditioner, config: TrainConfig, step: int) -> Path:
-    """Images for the fixed prompts (rows) and seeds (columns) as one PNG in <output.dir>/validation/."""
-    import numpy as np
-    from PIL import Image
-
-    o, pipe = config.output, conditioner.pipe
-    was_training, transformer = model.training, pipe.transformer
-    pipe.transformer = model.eval()
-    try:
-        rows = []
-        for prompt in o.validation_prompts:
-            images = pipe(
-                [prompt] * len(o.validation_seeds), seed=list(o.validation_seeds), steps=o.validation_steps,
-                guidance=o.validation_guidance, height=config.data.resolution, width=config.data.resolution,
-                output="np", progress=False, max_sequence_length=config.model.max_sequence_length,
-            )  # fmt: skip
-            rows.append(np.concatenate(list(images), axis=1))  # [H, S * W, 3]
-    finally:
-        pipe.transformer = transformer
-        model.train(was_training)
-    grid = (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
-    path = Path(o.dir) / "validation" / f"step-{step:08d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
-    return path
-
-
-def export_final(model: nn.Module, conditioner: Conditioner | None, config: TrainConfig) -> Path:
-    """A diffusers folder in <output.dir>/final (LoRA merged; the LoRA file itself in <output.dir>/lora)."""
-    out = Path(config.output.dir)
-    if config.lora.rank:
-        from mmdit_flow.training.lora import merged_copy, save_lora
-
-        save_lora(model, out / "lora" / "pytorch_lora_weights.safetensors")
-        model = merged_copy(model)
-    if conditioner is None:
-        from mmdit_flow.weights import save_transformer
-
-        return save_transformer(model, out / "final" / "transformer", format="diffusers").parent
-    from mmdit_flow.weights.sd3_keys import config_to_diffusers
-
-    components = conditioner.pipe.components
-    saved = components.transformer, components.transformer_config
-    components.transformer = model
-    components.transformer_config = config_to_diffusers(model.config)
-    try:
-        return conditioner.pipe.save_pretrained(out / "final")
-    finally:
-        components.transformer, components.transformer_config = saved
-
-
 # -------------------------------------------------------------------------------------------------- main
 
 
@@ -480,14 +394,11 @@ def train(
     optimizer, scheduler = make_optimizer(model, cfg)
     model, optimizer = acc.prepare(model, optimizer)
     state = TrainState()
-    for obj in (state, scheduler, ema):
-        if obj is not None:
-            acc.register_for_checkpointing(obj)
 
     ckpt_root = out / "checkpoints"
     resume = latest_checkpoint(ckpt_root)
     if resume is not None:
-        load_checkpoint(acc, resume)
+        load_checkpoint(acc, resume, state=own_state(state, scheduler), ema=ema)
         logger.info("resumed from %s at step %d", resume, state.step)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -560,11 +471,11 @@ def _loop(ctx: Context, loader: Any, bad: BadFiles, tqdm: Any, on_step: Any) -> 
             if acc.num_processes > 1:
                 flags = acc.reduce(flags.to(acc.device), reduction="sum").cpu()
             if flags[1] > 0:
-                save_checkpoint(acc, out_dir(cfg), state.step, keep=o.keep_checkpoints)
+                save(ctx)
                 bad.check()  # raises with the details on the process that saw them
                 raise RuntimeError("another process found too many unreadable images; see its log")
             if state.step % o.checkpoint_every == 0 or flags[0] > 0:
-                save_checkpoint(acc, out_dir(cfg), state.step, keep=o.keep_checkpoints)
+                save(ctx)
             if o.validation_every and state.step % o.validation_every == 0 and acc.is_main_process:
                 model = acc.unwrap_model(ctx.model)
                 with ctx.ema.applied(model) if ctx.ema else contextlib.nullcontext():
@@ -575,7 +486,7 @@ def _loop(ctx: Context, loader: Any, bad: BadFiles, tqdm: Any, on_step: Any) -> 
                 return 128 + int(stop.signum or signal.SIGTERM)
     bar.close()
     if state.step % o.checkpoint_every:
-        save_checkpoint(acc, out_dir(cfg), state.step, keep=o.keep_checkpoints)
+        save(ctx)
     if bad.paths:
         logger.warning("%s", bad.summary())
     return 0
@@ -583,3 +494,14 @@ def _loop(ctx: Context, loader: Any, bad: BadFiles, tqdm: Any, on_step: Any) -> 
 
 def out_dir(config: TrainConfig) -> Path:
     return Path(config.output.dir) / "checkpoints"
+
+
+def own_state(state: TrainState, scheduler: Any) -> dict[str, Any]:
+    """What a checkpoint's ``train_state.json`` holds, by name."""
+    return {"counters": state, "lr_scheduler": scheduler}
+
+
+def save(ctx: Context) -> None:
+    """A checkpoint of the current step (called on every process)."""
+    keep, state = ctx.config.output.keep_checkpoints, own_state(ctx.state, ctx.scheduler)
+    save_checkpoint(ctx.accelerator, out_dir(ctx.config), ctx.state.step, keep=keep, state=state, ema=ctx.ema)

@@ -1,0 +1,68 @@
+"""What a run writes besides checkpoints: the validation grid and the final diffusers folder.
+
+``validation_grid`` renders the fixed validation prompts (rows) and seeds (columns) with the model being
+trained, through the conditioner's pipeline, into one PNG per step; ``export_final`` writes the trained
+transformer as a diffusers folder (with the VAE and text encoders when the run has them) and, for a LoRA run,
+the adapter file beside it. Both take the model as it should be written: the trainer applies the EMA weights
+first when there are any.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from mmdit_flow.training.cache import Conditioner
+from mmdit_flow.training.config import TrainConfig
+
+
+def validation_grid(model: nn.Module, conditioner: Conditioner, config: TrainConfig, step: int) -> Path:
+    """Images for the fixed prompts (rows) and seeds (columns) as one PNG in <output.dir>/validation/."""
+    import numpy as np
+    from PIL import Image
+
+    o, pipe = config.output, conditioner.pipe
+    was_training, transformer = model.training, pipe.transformer
+    pipe.transformer = model.eval()
+    try:
+        rows = []
+        for prompt in o.validation_prompts:
+            images = pipe(
+                [prompt] * len(o.validation_seeds), seed=list(o.validation_seeds), steps=o.validation_steps,
+                guidance=o.validation_guidance, height=config.data.resolution, width=config.data.resolution,
+                output="np", progress=False, max_sequence_length=config.model.max_sequence_length,
+            )  # fmt: skip
+            rows.append(np.concatenate(list(images), axis=1))  # [H, S * W, 3]
+    finally:
+        pipe.transformer = transformer
+        model.train(was_training)
+    grid = (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
+    path = Path(o.dir) / "validation" / f"step-{step:08d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+    return path
+
+
+def export_final(model: nn.Module, conditioner: Conditioner | None, config: TrainConfig) -> Path:
+    """A diffusers folder in <output.dir>/final (LoRA merged; the LoRA file itself in <output.dir>/lora)."""
+    out = Path(config.output.dir)
+    if config.lora.rank:
+        from mmdit_flow.training.lora import merged_copy, save_lora
+
+        save_lora(model, out / "lora" / "pytorch_lora_weights.safetensors")
+        model = merged_copy(model)
+    if conditioner is None:
+        from mmdit_flow.weights import save_transformer
+
+        return save_transformer(model, out / "final" / "transformer", format="diffusers").parent
+    from mmdit_flow.weights.sd3_keys import config_to_diffusers
+
+    components = conditioner.pipe.components
+    saved = components.transformer, components.transformer_config
+    components.transformer = model
+    components.transformer_config = config_to_diffusers(model.config)
+    try:
+        return conditioner.pipe.save_pretrained(out / "final")
+    finally:
+        components.transformer, components.transformer_config = saved
