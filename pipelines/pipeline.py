@@ -96,14 +96,20 @@ class TextToImagePipeline:
 
         return save_components(self.components, Path(path))
 
-    def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
-        """Merge a diffusers-format SD3 LoRA file (ours or diffusers') into the transformer:
+    def load_lora(
+        self,
+        path: str | Path,
+        scale: float = 1.0,
+        *,
+        weight_name: str | None = None,
+        allow_pickle: bool = False,
+    ) -> None:
+        """Merge a diffusers-format SD3 LoRA (ours or diffusers'; a file, or as in diffusers a folder holding
+        ``pytorch_lora_weights.safetensors`` or one ``.safetensors``) into the transformer:
         W <- W + scale * B A. Merging again adds again; reload the pipeline to remove a LoRA."""
-        from mmdit_flow.training.lora import load_lora
+        from mmdit_flow.weights.lora import load_lora
 
-        if self.family != "sd3":
-            raise ValueError(f"load_lora supports SD3 / SD3.5 transformers; this pipeline is {self.family!r}")
-        load_lora(self.transformer, path, scale=scale)
+        load_lora(self.transformer, path, scale, weight_name=weight_name, allow_pickle=allow_pickle)
 
     def set_vae_tiling(self, enabled: bool = True) -> None:
         """Decode tile by tile: bounded memory for large images; seams are blended, pixels change slightly."""

@@ -1,13 +1,18 @@
-"""LoRA: our fused-qkv adapters exported in diffusers' naming load in diffusers and give the same outputs."""
+"""LoRA: our fused-qkv adapters exported in diffusers' naming load in diffusers and give the same outputs;
+LoRA files found in folders as diffusers finds them; bad files refused with errors that name the keys."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from mmdit_flow.models.sd3 import SD3Config, SD3Transformer
 from mmdit_flow.training.config import LoRAConfig
-from mmdit_flow.training.lora import add_lora, load_lora, lora_layers, merged_copy, save_lora
+from mmdit_flow.training.lora import add_lora, lora_layers, merged_copy, save_lora
+from mmdit_flow.weights.io import CheckpointError, save_file
+from mmdit_flow.weights.lora import LORA_WEIGHT_NAME, find_lora_file, load_lora, lora_deltas
 from tests.components import diffusers_pipeline, sd3_components
+from tests.train_helpers import TINY
 
 TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mod.lin", "final.linear"]
 
@@ -71,9 +76,6 @@ def test_lora_file_loads_in_diffusers_with_the_same_output(tmp_path):
 
 
 def test_bad_target_module_is_named():
-    from mmdit_flow.models.sd3 import SD3Config, SD3Transformer
-    from tests.train_helpers import TINY
-
     with pytest.raises(ValueError, match="no linear layer is named 'attn.qkvv'"):
         add_lora(SD3Transformer(SD3Config(**TINY)), LoRAConfig(rank=2, target_modules=["attn.qkvv"]))
 
@@ -87,7 +89,7 @@ def test_pipeline_load_lora_equals_diffusers_with_a_scale(tmp_path):
     pipe = TextToImagePipeline.from_pretrained(tmp_path / "base", device="cpu", dtype=torch.float32)
     kw = {"steps": 2, "guidance": 2.0, "height": 32, "width": 32, "output": "np"}
     plain = pipe("a red circle", seed=0, progress=False, **kw)
-    pipe.load_lora(path, scale=0.5)
+    pipe.load_lora(path.parent, scale=0.5)  # a folder holding one .safetensors file, as diffusers takes
     ours = pipe("a red circle", seed=0, progress=False, **kw)
 
     theirs_pipe = diffusers_pipeline(components)
@@ -104,3 +106,98 @@ def test_pipeline_load_lora_equals_diffusers_with_a_scale(tmp_path):
     ).images
     assert abs(ours - plain).max() > 1e-3  # the LoRA changes the image
     assert abs(ours - theirs).max() < 1e-3
+
+
+def _tiny_lora_file(path, seed=0):
+    """A diffusers-named LoRA on block 0's image q and the final adaLN (swapped halves) of a TINY model."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {
+        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(2, 32, generator=g),
+        "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(32, 2, generator=g),
+        "transformer.norm_out.linear.lora_A.weight": torch.randn(2, 32, generator=g),
+        "transformer.norm_out.linear.lora_B.weight": torch.randn(64, 2, generator=g),
+    }
+    return save_file(sd, path), sd
+
+
+def test_a_lora_on_one_part_of_a_fused_layer_updates_only_its_rows(tmp_path):
+    _, sd = _tiny_lora_file(tmp_path / "l.safetensors")
+    deltas = lora_deltas(SD3Transformer(SD3Config(**TINY)), sd)
+    assert sorted(deltas) == ["blocks.0.img.attn.qkv.weight", "final.mod.lin.weight"]
+    q = sd["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"]
+    q = q @ sd["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"]
+    torch.testing.assert_close(deltas["blocks.0.img.attn.qkv.weight"], torch.cat([q, torch.zeros(64, 32)]))
+    mod = sd["transformer.norm_out.linear.lora_B.weight"] @ sd["transformer.norm_out.linear.lora_A.weight"]
+    torch.testing.assert_close(deltas["final.mod.lin.weight"], torch.cat([mod[32:], mod[:32]]))
+
+
+def _merged(source, **kw):
+    """What merging ``source`` changes, on a model with the same random weights each call."""
+    torch.manual_seed(0)
+    model = SD3Transformer(SD3Config(**TINY))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    load_lora(model, source, **kw)
+    return {k: v - before[k] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+
+
+def test_folders_are_searched_as_diffusers_does(tmp_path):
+    file, sd = _tiny_lora_file(tmp_path / "one" / "my_lora.safetensors")
+    expected = _merged(sd)
+    assert sorted(expected) == ["blocks.0.img.attn.qkv.weight", "final.mod.lin.weight"]
+    assert find_lora_file(tmp_path / "one") == file  # the only .safetensors file
+    got = _merged(tmp_path / "one")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+    _tiny_lora_file(tmp_path / "one" / "other.safetensors", seed=1)
+    with pytest.raises(CheckpointError, match="several weight files .*weight_name="):
+        find_lora_file(tmp_path / "one")
+    assert find_lora_file(tmp_path / "one", weight_name="other.safetensors").name == "other.safetensors"
+    _tiny_lora_file(tmp_path / "one" / LORA_WEIGHT_NAME, seed=2)
+    assert find_lora_file(tmp_path / "one").name == LORA_WEIGHT_NAME  # diffusers' default name wins
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="empty has no LoRA file"):
+        find_lora_file(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
+        find_lora_file(tmp_path / "nowhere")
+
+
+def test_pickle_lora_files_need_allow_pickle(tmp_path):
+    _, sd = _tiny_lora_file(tmp_path / "l.safetensors")
+    (tmp_path / "pickled").mkdir()
+    torch.save(sd, tmp_path / "pickled" / "pytorch_lora_weights.bin")
+    with pytest.raises(CheckpointError, match="pickle.*allow_pickle=True"):
+        _merged(tmp_path / "pickled")
+    with pytest.raises(CheckpointError, match="allow_pickle=True"):
+        _merged(tmp_path / "pickled" / "pytorch_lora_weights.bin")
+    got, expected = _merged(tmp_path / "pickled", allow_pickle=True), _merged(sd)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"transformer.double_blocks.0.img_attn.qkv.lora_A.weight": torch.zeros(2, 32)}, "double_blocks"),
+        ({"text_encoder.text_model.q_proj.lora_A.weight": torch.zeros(2, 32)}, "text encoders"),
+        (
+            {"transformer.transformer_blocks.0.attn.to_k.lora_A.weight": torch.zeros(2, 32)},
+            "not .*to_k.lora_B",
+        ),
+        ({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(3, 32)}, "rank 3 but"),
+        ({"transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(48, 2)}, "other sizes"),
+    ],
+)
+def test_bad_lora_files_are_refused_with_the_key(tmp_path, change, match):
+    _, sd = _tiny_lora_file(tmp_path / "l.safetensors")
+    with pytest.raises(ValueError, match=match):
+        lora_deltas(SD3Transformer(SD3Config(**TINY)), {**sd, **change})
+
+
+def test_lora_files_for_flux_are_refused_until_supported():
+    from mmdit_flow.models.flux import FluxConfig, FluxTransformer
+
+    flux = FluxTransformer(
+        FluxConfig(hidden_size=32, num_heads=2, depth=1, depth_single=1, axes_dim=(4, 6, 6))
+    )
+    with pytest.raises(ValueError, match="LoRA files for flux transformers are not supported yet"):
+        lora_deltas(flux, {})

@@ -72,7 +72,7 @@ def _all_families() -> list[KeyFormat]:
     return [family(name) for name in FAMILIES]
 
 
-def _family_of_model(model: nn.Module) -> tuple[KeyFormat, nn.Module]:
+def family_of_model(model: nn.Module) -> tuple[KeyFormat, nn.Module]:
     """The family of ``model`` and the model itself, looking inside ``torch.compile`` (``_orig_mod``) and
     DistributedDataParallel / FSDP (``module``) wrappers."""
     for fam in _all_families():
@@ -80,9 +80,9 @@ def _family_of_model(model: nn.Module) -> tuple[KeyFormat, nn.Module]:
             return fam, model
     for attr in ("_orig_mod", "module"):
         if isinstance(inner := getattr(model, attr, None), nn.Module):
-            return _family_of_model(inner)
+            return family_of_model(inner)
     known = ", ".join(f.model_cls.__name__ for f in _all_families())
-    raise ValueError(f"cannot save a {type(model).__name__}: save_transformer takes one of {known}")
+    raise ValueError(f"a {type(model).__name__} is not a transformer of a known family ({known})")
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -276,7 +276,7 @@ def save_transformer(
     """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
-    fam, model = _family_of_model(model)
+    fam, model = family_of_model(model)
     config = model.config
     sd = model.state_dict()
     meta = {META_FAMILY: fam.name, META_CONFIG: config_to_json(config), META_KEYS: format}

@@ -1,0 +1,120 @@
+"""The layers import downwards only: core (``mmdit_flow/``) <- weights <- pipelines <- training.
+
+Every module's imports are read with ``ast`` (function-level and ``importlib.import_module("...")`` ones too)
+and each is checked against the layer of the file that makes it.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import mmdit_flow
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = {"core": 0, "weights": 1, "pipelines": 2, "training": 3}
+FOLDERS = {"mmdit_flow": "core", "weights": "weights", "pipelines": "pipelines", "training": "training"}
+# the package's front door re-exports names of every layer, lazily and by design (DESIGN.md: public API)
+FACADE = {"mmdit_flow/__init__.py"}
+
+
+def _package(path: Path) -> str:
+    """The dotted package a source file belongs to, as installed (``weights/io.py`` -> mmdit_flow.weights)."""
+    rel = path.relative_to(ROOT)
+    parts = list(rel.parent.parts)
+    if parts[0] != "mmdit_flow":
+        parts = ["mmdit_flow", *parts]
+    return ".".join(parts)
+
+
+def _layer_of(module: str) -> str | None:
+    """The layer of an imported dotted name, None outside the project."""
+    parts = module.split(".")
+    if parts[0] != "mmdit_flow":
+        return None
+    if len(parts) == 1:
+        return "core"
+    return parts[1] if parts[1] in LAYERS else "core"
+
+
+def _imports(path: Path, package: str | None = None) -> list[tuple[int, str]]:
+    """(line, dotted name) of everything ``path`` imports; relative imports resolved against ``package``
+    (by default the one ``path`` belongs to)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    package = package or _package(path)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against this file's package
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*anchor, base] if base else anchor)
+            if base == "mmdit_flow":  # `from mmdit_flow import weights` / a lazily re-exported name
+                for alias in node.names:
+                    target = mmdit_flow._LAZY.get(alias.name, f"mmdit_flow.{alias.name}")
+                    found.append((node.lineno, target))
+            else:
+                found.append((node.lineno, base))
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            found.append((node.lineno, node.args[0].value))
+    return found
+
+
+# training is the top layer: it may import everything
+SOURCES = sorted(
+    p
+    for folder in ("mmdit_flow", "weights", "pipelines")
+    for p in (ROOT / folder).rglob("*.py")
+    if str(p.relative_to(ROOT)) not in FACADE
+)
+
+
+def _violations(path: Path, own: str, package: str) -> list[str]:
+    bad = []
+    for line, name in _imports(path, package):
+        layer = _layer_of(name)
+        if layer is not None and LAYERS[layer] > LAYERS[own]:
+            bad.append(f"{path.name}:{line} ({own}) imports {name} ({layer})")
+    return bad
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_module_imports_a_higher_layer(path):
+    own = FOLDERS[path.relative_to(ROOT).parts[0]]
+    assert _violations(path, own, _package(path)) == []
+
+
+def test_the_checker_sees_arrows_back(tmp_path):
+    """The parser resolves plain, relative, function-level and import_module imports (of a probe file
+    placed, for relative imports, in the weights package)."""
+    assert _layer_of("mmdit_flow.training.lora") == "training" and _layer_of("torch") is None
+    assert _layer_of("mmdit_flow.models.sd3") == "core" and _layer_of("mmdit_flow") == "core"
+    probe = tmp_path / "probe.py"
+    source = (
+        "from ..pipelines import text\n"
+        "def f():\n    from mmdit_flow.training.lora import add_lora\n"
+        "import importlib\nimportlib.import_module('mmdit_flow.training.cli')\n"
+        "from mmdit_flow import TextToImagePipeline\n"
+        "from . import io\n"
+    )
+    probe.write_text(source)
+    assert [name for _, name in _imports(probe, "mmdit_flow.weights")] == [
+        "mmdit_flow.pipelines",
+        "importlib",
+        "mmdit_flow.pipelines",
+        "mmdit_flow.weights",
+        "mmdit_flow.training.lora",
+        "mmdit_flow.training.cli",
+    ]
+    assert len(_violations(probe, "weights", "mmdit_flow.weights")) == 4
+    assert _violations(probe, "training", "mmdit_flow.training") == []
