@@ -204,6 +204,17 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
+def random_diffusers_transformer(family: str, config: SD3Config | FluxConfig, seed: int = 0) -> nn.Module:
+    """diffusers' transformer for our ``config`` with ``randomize``'s weights, on the default device/dtype."""
+    import diffusers
+
+    from mmdit_flow.weights.transformer import family as key_format
+
+    fam = key_format(family)
+    cls = getattr(diffusers, fam.diffusers_class_name)
+    return randomize(cls.from_config(fam.config_to_diffusers(config)), seed).eval()
+
+
 def sizes(family: str) -> dict[str, Size]:
     if family not in SIZES:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(SIZES)}")
@@ -239,7 +250,7 @@ def build_case(
     if spec.pretrained is not None:
         from mmdit_flow.pipelines.loading import demo_folder
 
-        theirs = cls.from_pretrained(demo_folder() / "transformer", torch_dtype=dtype).to(device)
+        theirs = cls.from_pretrained(demo_folder() / "transformer", dtype=dtype).to(device)
         config = fam.config_from_diffusers(dict(theirs.config))
     else:
         config = spec.config
@@ -247,7 +258,7 @@ def build_case(
             extra = {"depth_single": 2 * depth} if family == "flux" else {}
             config = dataclasses.replace(config, depth=depth, **extra)
         with torch.device(device), default_dtype(dtype):
-            theirs = randomize(cls.from_config(fam.config_to_diffusers(config)), seed)
+            theirs = random_diffusers_transformer(family, config, seed)
     with torch.device(device), default_dtype(dtype):
         ours = fam.model_cls(config)
     ours.load_state_dict(fam.from_diffusers(theirs.state_dict(), config))
