@@ -33,7 +33,7 @@ FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
     ".jpeg": ("JPEG", {"quality": 95}),
     ".webp": ("WEBP", {"quality": 95}),
 }
-METADATA = "metadata.jsonl"  # what `mmdit-flow eval` reads (training/eval_cli.py)
+METADATA = "metadata.jsonl"  # what `mmdit-flow eval` reads (training/eval_cli.py), through read_metadata
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,10 +102,29 @@ def save_image(image: Image.Image, path: Path) -> None:
         image.save(tmp, format=fmt, **options)
 
 
+def read_metadata(path: Path) -> list[tuple[str, str]]:
+    """(file_name, caption) pairs from a metadata.jsonl; ValueError naming the file (and the line) if it is
+    not UTF-8 or a line is malformed."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err})") from err
+    pairs = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            pairs.append((str(row["file_name"]), str(row["text"])))
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(
+                f"{path}:{n}: expected a JSON object with 'file_name' and 'text' ({err})"
+            ) from err
+    return pairs
+
+
 def read_captions(path: Path) -> dict[str, str]:
     """file_name -> text of an existing ``metadata.jsonl`` (empty when there is none)."""
-    from mmdit_flow.training.eval_cli import read_metadata
-
     if not path.is_file():
         return {}
     try:

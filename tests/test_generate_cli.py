@@ -208,12 +208,22 @@ def test_captions_file_adds_and_replaces_lines(folder, tmp_path):
     ]
 
 
-def test_a_broken_captions_file_is_named_before_generating(tmp_path, capsys):
-    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png"}\n')
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b'{"file_name": "a.png"}\n', "metadata.jsonl:1: expected"), (b"\xff\xfe\n", "is not UTF-8")],
+)
+def test_a_broken_captions_file_is_named_before_generating(tmp_path, capsys, content, message):
+    (tmp_path / "metadata.jsonl").write_bytes(content)
     assert main(["generate", "a dog", "--model", str(tmp_path / "none"), "-o", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
-    assert f"{tmp_path / 'metadata.jsonl'}:1" in err and "fix or delete" in err
+    assert message in err and str(tmp_path / "metadata.jsonl") in err and "fix or delete" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metadata.jsonl"]
+
+
+def test_an_empty_captions_file_is_extended(folder, tmp_path):
+    (tmp_path / "metadata.jsonl").write_text("\n")
+    assert main(_tiny_args(folder, tmp_path / "a.png")) == 0
+    assert (tmp_path / "metadata.jsonl").read_text() == '{"file_name": "a.png", "text": "a dog"}\n'
 
 
 def test_eval_scores_what_generate_wrote_with_the_shipped_model(tmp_path, capsys):

@@ -27,27 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the results, per image too, here")
 
 
-def read_metadata(path: Path) -> list[tuple[str, str]]:
-    """(file_name, caption) pairs from a metadata.jsonl; ValueError naming the line if one is malformed."""
-    pairs = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            pairs.append((str(row["file_name"]), str(row["text"])))
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(
-                f"{path}:{n}: expected a JSON object with 'file_name' and 'text' ({err})"
-            ) from err
-    if not pairs:
-        raise ValueError(f"{path} has no captions")
-    return pairs
-
-
 def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
+    from mmdit_flow.pipelines.generate_cli import read_metadata
     from mmdit_flow.training.evaluator import ATTRIBUTES, evaluate
 
     captions_path = args.captions or args.image_dir / "metadata.jsonl"
@@ -56,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         pairs = read_metadata(captions_path)
+        if not pairs:
+            raise ValueError(f"{captions_path} has no captions")
         images = []
         for name, _ in pairs:
             path = args.image_dir / name
