@@ -207,6 +207,30 @@ def test_missing_shard_names_index_and_shard(tmp_path):
     assert "index.json" in str(err.value)
 
 
+def test_shard_outside_the_index_folder_is_refused(tmp_path):
+    """An index may only name files beside it: "../x" or an absolute path would read a file from elsewhere."""
+    io.save_file(_sd(), tmp_path / "elsewhere.safetensors")
+    folder = tmp_path / "model"
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    for shard in ("../elsewhere.safetensors", str(tmp_path / "elsewhere.safetensors")):
+        io.write_json({"weight_map": dict.fromkeys(_sd(), shard)}, index)
+        with pytest.raises(CheckpointError, match="not plain file names in its folder") as err:
+            io.read_state_dict(folder)
+        assert shard in str(err.value) and str(index) in str(err.value)
+
+
+def test_lfs_check_is_public_and_keeps_its_old_name(tmp_path):
+    path = tmp_path / "vocab.json"
+    path.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 99\n")
+    for check in (io.check_not_lfs_pointer, io._check_not_lfs_pointer):
+        with pytest.raises(
+            CheckpointError, match=r"vocab.json is a Git LFS pointer file, not the real file of 99"
+        ):
+            check(str(path))
+    path.write_text("{}")
+    io.check_not_lfs_pointer(path)  # a real file passes
+
+
 def test_shards_without_index_and_empty_folder(tmp_path):
     io.save_folder(_sd(), tmp_path / "s", max_shard_size=150)
     (tmp_path / "s" / "diffusion_pytorch_model.safetensors.index.json").unlink()
