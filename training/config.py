@@ -12,15 +12,29 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-Scheme = Literal["uniform", "logit_normal", "mode", "cosmap"]
-Weighting = Literal["none", "cosmap", "sigma_sqrt"]
+# each repeats a list stated in mmdit_flow (this module must not import torch); tests/test_train_config.py
+# checks that they agree
+Scheme = Literal["uniform", "logit_normal", "mode", "cosmap"]  # mmdit_flow.flow.SCHEMES
+Weighting = Literal["none", "cosmap", "sigma_sqrt"]  # mmdit_flow.flow.WEIGHTINGS
 AttentionBackend = Literal["sdpa", "math", "xformers", "reference"]  # mmdit_flow.attention.BACKENDS
+LRSchedule = Literal["constant", "linear", "cosine"]  # what trainer.lr_factor computes
+MixedPrecision = Literal["no", "bf16", "fp16"]  # a subset of accelerate's PrecisionType
+TRACKERS = (
+    "tensorboard",
+    "wandb",
+    "comet_ml",
+    "aim",
+    "mlflow",
+    "clearml",
+    "dvclive",
+)  # accelerate LoggerType
 
 
 @dataclass
@@ -88,13 +102,13 @@ class OptimizerConfig:
 class ScheduleConfig:
     max_steps: int = 1000  # optimizer steps
     warmup_steps: int = 0
-    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    lr_schedule: LRSchedule = "constant"
     min_lr_ratio: float = 0.0
 
 
 @dataclass
 class PrecisionConfig:
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # weights stay fp32 in every case
+    mixed_precision: MixedPrecision = "no"  # weights stay fp32 in every case
     allow_tf32: bool = True
 
 
@@ -141,14 +155,54 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------- validation
 
 
+def _number(
+    key: str,
+    value: float,
+    low: float = -math.inf,
+    high: float = math.inf,
+    *,
+    low_ok: bool = True,
+    high_ok: bool = True,
+) -> None:
+    """Raise unless ``value`` is finite and within the bounds, naming ``key``."""
+    finite = isinstance(value, int) or math.isfinite(value)  # an int may be too large for a float
+    ok = finite and (value >= low if low_ok else value > low) and (value <= high if high_ok else value < high)
+    if not ok:
+
+        def show(x: float) -> str:
+            return str(x) if isinstance(x, int) else f"{x:g}"
+
+        if low > -math.inf and high < math.inf:
+            where = f" in {'[' if low_ok else '('}{show(low)}, {show(high)}{']' if high_ok else ')'}"
+        elif low > -math.inf:
+            where = f" {'>=' if low_ok else '>'} {show(low)}"
+        else:
+            where = f" {'<=' if high_ok else '<'} {show(high)}" if high < math.inf else ""
+        raise ValueError(f"{key} must be a finite number{where}, got {value}")
+
+
 def _positive(key: str, value: float, *, zero_ok: bool = False) -> None:
-    if value < 0 or (value == 0 and not zero_ok):
-        raise ValueError(f"{key} must be {'>= 0' if zero_ok else '> 0'}, got {value}")
+    _number(key, value, 0, low_ok=zero_ok)
+
+
+def _finite_everywhere(value: Any, key: str) -> None:
+    """Every float anywhere in the config (lists, mappings, ``model.overrides``) is finite."""
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            _finite_everywhere(getattr(value, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _finite_everywhere(v, f"{key}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _finite_everywhere(v, f"{key}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{key} must be a finite number, got {value}")
 
 
 def validate(c: TrainConfig) -> None:
-    """Cross-field checks that the types alone cannot express."""
-    m, d = c.model, c.data
+    """Every number finite and in range, and the cross-field checks that the types alone cannot express."""
+    m, d, o = c.model, c.data, c.objective
     if (m.preset is None) == (m.pretrained is None):
         raise ValueError(
             "set exactly one of model.preset (train from scratch) and model.pretrained "
@@ -166,10 +220,11 @@ def validate(c: TrainConfig) -> None:
         ("data.bucket_step", d.bucket_step),
         ("data.max_image_pixels", d.max_image_pixels),
         ("optimizer.lr", c.optimizer.lr),
+        ("optimizer.eps", c.optimizer.eps),
         ("optimizer.grad_accum", c.optimizer.grad_accum),
         ("schedule.max_steps", c.schedule.max_steps),
-        ("objective.shift", c.objective.shift),
-        ("objective.logit_std", c.objective.logit_std),
+        ("objective.shift", o.shift),
+        ("objective.logit_std", o.logit_std),
         ("output.checkpoint_every", c.output.checkpoint_every),
         ("output.keep_checkpoints", c.output.keep_checkpoints),
         ("output.log_every", c.output.log_every),
@@ -185,37 +240,40 @@ def validate(c: TrainConfig) -> None:
         ("optimizer.weight_decay", c.optimizer.weight_decay),
         ("schedule.warmup_steps", c.schedule.warmup_steps),
         ("output.validation_every", c.output.validation_every),
+        ("output.validation_guidance", c.output.validation_guidance),
     ]:
         _positive(key, value, zero_ok=True)
+    if c.lora.alpha is not None:
+        _positive("lora.alpha", c.lora.alpha)
+    _number("objective.logit_mean", o.logit_mean)
+    if o.scheme == "mode":  # the map t(u) is monotone only for these scales (mmdit_flow.flow.sample_t)
+        _number("objective.mode_scale", o.mode_scale, -1.0, 2.0 / (math.pi - 2.0))
+    _number("data.max_aspect", d.max_aspect, 1.0)
+    _number("data.max_bad_fraction", d.max_bad_fraction, 0.0, 1.0)
+    _number("ema.decay", c.ema.decay, 0.0, 1.0, high_ok=False)
+    _number("schedule.min_lr_ratio", c.schedule.min_lr_ratio, 0.0, 1.0)
+    _number("lora.dropout", c.lora.dropout, 0.0, 1.0, high_ok=False)
+    _number("seed", c.seed, 0, 2**32, high_ok=False)  # numpy's seeding limit (accelerate's set_seed)
+    for i, seed in enumerate(c.output.validation_seeds):
+        _number(f"output.validation_seeds[{i}]", seed, 0, 2**64, high_ok=False)  # torch.Generator's
     if d.resolution % d.bucket_step:
         raise ValueError(
             f"data.resolution ({d.resolution}) must be a multiple of data.bucket_step ({d.bucket_step})"
         )
-    if d.max_aspect < 1:
-        raise ValueError(f"data.max_aspect must be >= 1, got {d.max_aspect}")
-    if not 0 <= d.max_bad_fraction <= 1:
-        raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {d.max_bad_fraction}")
     if len(d.background) != 3 or not all(0 <= v <= 255 for v in d.background):
         raise ValueError(f"data.background must be three integers in [0, 255] (R, G, B), got {d.background}")
     if len(c.optimizer.betas) != 2 or not all(0 <= b < 1 for b in c.optimizer.betas):
         raise ValueError(f"optimizer.betas must be two numbers in [0, 1), got {c.optimizer.betas}")
-    if not 0 <= c.ema.decay < 1:
-        raise ValueError(f"ema.decay must be in [0, 1) (0 disables EMA), got {c.ema.decay}")
-    if not 0 <= c.schedule.min_lr_ratio <= 1:
-        raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got {c.schedule.min_lr_ratio}")
-    if not 0 <= c.lora.dropout < 1:
-        raise ValueError(f"lora.dropout must be in [0, 1), got {c.lora.dropout}")
     if c.lora.rank and not c.lora.target_modules:
         raise ValueError(
             "lora.target_modules is empty: name the modules to adapt, e.g. ['attn.qkv', 'attn.proj']"
         )
-    for name, p in c.objective.caption_dropout.items():
-        if not 0 <= p <= 1:
-            raise ValueError(f"objective.caption_dropout.{name} must be a probability in [0, 1], got {p}")
-    trackers = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive")
+    for name, p in o.caption_dropout.items():
+        _number(f"objective.caption_dropout.{name}", p, 0.0, 1.0)
     for t in c.output.trackers:
-        if t not in trackers:
-            raise ValueError(f"output.trackers: unknown tracker {t!r}; choose from {', '.join(trackers)}")
+        if t not in TRACKERS:
+            raise ValueError(f"output.trackers: unknown tracker {t!r}; choose from {', '.join(TRACKERS)}")
+    _finite_everywhere(c, "")
 
 
 # ------------------------------------------------------------------------------------------ dict -> config
@@ -329,35 +387,80 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set dotted ``key=value`` overrides (values parsed as YAML) on a nested dict, in place."""
+def _yaml_loader() -> type:
+    """A ``yaml.SafeLoader`` that refuses a key written twice in one mapping (PyYAML keeps the last)."""
     import yaml
 
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+            lines: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden on purpose
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = lines.get(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error names it
+                    break
+                if first is not None:
+                    raise ValueError(
+                        f"line {line}: key {key!r} is given twice in one mapping (first on line {first}); "
+                        "keep one of them"
+                    )
+                lines[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+def _parse_yaml(text: str) -> Any:
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())  # a SafeLoader: builds plain values only
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted ``key=value`` overrides (values parsed as YAML) on a nested dict, in place."""
+    given: set[str] = set()
     for item in overrides:
         key, sep, raw = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ValueError(f"override {item!r} is not of the form key=value (e.g. optimizer.lr=3e-4)")
+        *parents, leaf = key.split(".")
+        if not all(parents) or not leaf:
+            raise ValueError(f"override {item!r}: {key!r} has an empty part; write e.g. optimizer.lr=3e-4")
+        if key in given:
+            raise ValueError(f"override {key} is given twice on the command line; give it once")
+        given.add(key)
         node = data
-        *parents, leaf = key.strip().split(".")
         for part in parents:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 raise ValueError(f"override {item!r}: {part!r} holds a value, not a section")
             node = child
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            node[leaf] = _parse_yaml(raw) if raw.strip() else None
+        except ValueError as err:
+            raise ValueError(f"override {item!r}: {err}") from err
     return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML config (or start from defaults when ``path`` is None) and apply ``key=value`` overrides."""
-    import yaml
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply ``key=value`` overrides.
 
+    A key written twice in one mapping of the file (or twice among the overrides) is an error.
+    """
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = _parse_yaml(path.read_text(encoding="utf-8")) or {}
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
         if not isinstance(data, dict):
             raise ValueError(
                 f"{path}: the top level must be a mapping of sections, got {type(data).__name__}"

@@ -119,7 +119,9 @@ def lr_factor(step: int, schedule: Any) -> float:
         return 1 - (1 - low) * p
     if schedule.lr_schedule == "cosine":
         return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * p))
-    return 1.0
+    if schedule.lr_schedule == "constant":
+        return 1.0
+    raise ValueError(f"schedule.lr_schedule: unknown schedule {schedule.lr_schedule!r}")
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
