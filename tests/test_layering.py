@@ -1,4 +1,5 @@
-"""The layers import downwards only: core (``mmdit_flow/``) <- weights <- pipelines <- training.
+"""The layers import downwards only: core (``mmdit_flow/``) <- weights <- pipelines <- training; and no two
+classes share a name.
 
 Every module's imports are read with ``ast`` (function-level and ``importlib.import_module("...")`` ones too)
 and each is checked against the layer of the file that makes it.
@@ -7,6 +8,7 @@ and each is checked against the layer of the file that makes it.
 from __future__ import annotations
 
 import ast
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,14 @@ def test_the_checker_sees_arrows_back(tmp_path):
     ]
     assert len(_violations(probe, "weights", "mmdit_flow.weights")) == 4
     assert _violations(probe, "training", "mmdit_flow.training") == []
+
+
+def test_no_two_classes_share_a_name():
+    """One name, one class, across the package (two ``SelfAttention`` or ``CheckpointError`` mislead)."""
+    where = defaultdict(list)
+    for folder in FOLDERS:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ClassDef):
+                    where[node.name].append(str(path.relative_to(ROOT)))
+    assert {name: files for name, files in where.items() if len(files) > 1} == {}

@@ -264,3 +264,18 @@ def test_gradients_equal_diffusers(variant):
     assert scale > 0
     for name, g in expected.items():
         assert (got[name] - g).abs().max() / scale < 1e-5, name
+
+
+def test_modulation_triples_name_the_chunks_in_checkpoint_order():
+    """(shift, scale, gate) per sub-layer, e.g. SD3.5's MMDiT-X: attention, MLP, attn2."""
+    from mmdit_flow.models.layers import Modulation
+
+    mod = Modulation(4, 9)
+    vec = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    chunks, triples = mod(vec), mod.triples(vec)
+    assert len(triples) == 3
+    for i, triple in enumerate(triples):
+        for j, name in enumerate(("shift", "scale", "gate")):
+            assert torch.equal(getattr(triple, name), chunks[3 * i + j])
+    with pytest.raises(ValueError, match="2 chunks does not split"):
+        Modulation(4, 2).triples(vec)

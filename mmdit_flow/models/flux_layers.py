@@ -116,20 +116,24 @@ class DoubleStreamBlock(nn.Module):
     def forward(
         self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, pe: Rope, backend: str = "sdpa"
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
-        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
+        img_mod1, img_mod2 = self.img_mod.triples(vec)
+        txt_mod1, txt_mod2 = self.txt_mod.triples(vec)
         img_attn, txt_attn = self.joint_attention(
-            modulate(layer_norm(img), img_shift1, img_scale1),
-            modulate(layer_norm(txt), txt_shift1, txt_scale1),
+            modulate(layer_norm(img), img_mod1.shift, img_mod1.scale),
+            modulate(layer_norm(txt), txt_mod1.shift, txt_mod1.scale),
             pe,
             backend,
         )
-        img = torch.addcmul(img, img_gate1, img_attn)
+        img = torch.addcmul(img, img_mod1.gate, img_attn)
         del img_attn
-        img = torch.addcmul(img, img_gate2, self.img_mlp(modulate(layer_norm(img), img_shift2, img_scale2)))
-        txt = torch.addcmul(txt, txt_gate1, txt_attn)
+        img = torch.addcmul(
+            img, img_mod2.gate, self.img_mlp(modulate(layer_norm(img), img_mod2.shift, img_mod2.scale))
+        )
+        txt = torch.addcmul(txt, txt_mod1.gate, txt_attn)
         del txt_attn
-        txt = torch.addcmul(txt, txt_gate2, self.txt_mlp(modulate(layer_norm(txt), txt_shift2, txt_scale2)))
+        txt = torch.addcmul(
+            txt, txt_mod2.gate, self.txt_mlp(modulate(layer_norm(txt), txt_mod2.shift, txt_mod2.scale))
+        )
         return img, txt
 
     def joint_attention(
@@ -182,8 +186,8 @@ class SingleStreamBlock(nn.Module):
         are, on every row.
         """
         D, H, M = self.dim, self.num_heads, self.mlp_hidden
-        shift, scale, gate = self.modulation(vec)
-        h = modulate(layer_norm(x), shift, scale)  # [B, S, D]
+        (mod,) = self.modulation.triples(vec)
+        h = modulate(layer_norm(x), mod.shift, mod.scale)  # [B, S, D]
         if type(self.linear1) is nn.Linear and type(self.linear2) is nn.Linear:
             q, k, v, project_out = self._split_projections(h, keep_from)
         else:  # wrapped layers (e.g. LoRA): call them as they are, on every row
@@ -200,7 +204,7 @@ class SingleStreamBlock(nn.Module):
         pe_q = Rope(pe.cos[keep_from:], pe.sin[keep_from:]) if keep_from else pe
         attn = attention(apply_rope(q, pe_q), apply_rope(k, pe), v, backend)  # [B, S', D]
         del q, k, v
-        return torch.addcmul(x[:, keep_from:], gate, project_out(attn))
+        return torch.addcmul(x[:, keep_from:], mod.gate, project_out(attn))
 
     def _split_projections(self, h: torch.Tensor, keep_from: int):
         """q [B, H, S', Dh], k, v [B, H, S, Dh] and the output projection attn -> linear2([attn, mlp]), with

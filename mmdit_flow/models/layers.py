@@ -7,6 +7,7 @@ text [+ guidance]), ``t`` the flow time in [0, 1] (1 = noise).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,14 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+class ModulationOut(NamedTuple):
+    """One sub-layer's adaLN parameters, each [B, 1, dim]: x + gate * f(modulate(norm(x), shift, scale))."""
+
+    shift: torch.Tensor
+    scale: torch.Tensor
+    gate: torch.Tensor
+
+
 class Modulation(nn.Module):
     """adaLN modulation: SiLU(vec) -> Linear -> ``n`` chunks of [B, 1, dim] (shift, scale, gate, ...)."""
 
@@ -77,6 +86,13 @@ class Modulation(nn.Module):
 
     def forward(self, vec: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.lin(F.silu(vec))[:, None, :].chunk(self.n, dim=-1)
+
+    def triples(self, vec: torch.Tensor) -> tuple[ModulationOut, ...]:
+        """The chunks as (shift, scale, gate) per sub-layer, in the order the checkpoints store them."""
+        if self.n % 3:
+            raise ValueError(f"a modulation of {self.n} chunks does not split into (shift, scale, gate)")
+        chunks = self(vec)
+        return tuple(ModulationOut(*chunks[i : i + 3]) for i in range(0, self.n, 3))
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ encoder_hidden_states=txt, pooled_projections=vec, timestep=1000 * t).sample`` o
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from mmdit_flow.models.layers import (
     MLP,
     MLPEmbedder,
     Modulation,
+    ModulationOut,
     RMSNorm,
     layer_norm,
     modulate,
@@ -98,8 +100,11 @@ SD35_LARGE = replace(SD3_MEDIUM, hidden_size=2432, num_heads=38, depth=38, qk_no
 PRESETS = {"sd3_medium": SD3_MEDIUM, "sd35_medium": SD35_MEDIUM, "sd35_large": SD35_LARGE}
 
 
-class SelfAttention(nn.Module):
-    """One stream's attention weights: fused qkv projection, optional q/k RMS-norm, output projection."""
+class SD3Attention(nn.Module):
+    """One stream's attention weights: fused qkv projection, optional q/k RMS-norm, output projection.
+
+    (Flux's ``SelfAttention`` differs in its checkpoint layout: a ``QKNorm`` module, always a projection.)
+    """
 
     def __init__(self, dim: int, num_heads: int, qk_norm: str | None, proj: bool = True):
         super().__init__()
@@ -133,6 +138,15 @@ class SelfAttention(nn.Module):
         return k, v
 
 
+class StreamMod(NamedTuple):
+    """What a stream carries from before the joint attention to after it."""
+
+    attn: ModulationOut  # its shift and scale are spent on the attention input; gate is for the residual
+    mlp: ModulationOut
+    attn2: ModulationOut | None = None  # MMDiT-X: the image-only attention
+    x_norm: torch.Tensor | None = None  # MMDiT-X: norm(x), the input of attn2 as well
+
+
 class Stream(nn.Module):
     """One stream of a joint block: adaLN-Zero modulation (shift, scale, gate for attention and for MLP)."""
 
@@ -141,26 +155,24 @@ class Stream(nn.Module):
     def __init__(self, dim: int, num_heads: int, qk_norm: str | None):
         super().__init__()
         self.mod = Modulation(dim, self.n_mod)
-        self.attn = SelfAttention(dim, num_heads, qk_norm)
+        self.attn = SD3Attention(dim, num_heads, qk_norm)
         self.mlp = MLP(dim, 4 * dim)
 
     def pre_attention(self, x: torch.Tensor, vec: torch.Tensor):
-        """The stream's (q, k, v) for the joint attention, and its modulation for ``post_attention``."""
-        mod = self.mod(vec)
-        q, k, v = self.attn.qkv_heads(modulate(layer_norm(x), mod[0], mod[1]))
-        return (q, k, v), mod
+        """The stream's (q, k, v) for the joint attention, and its modulation for ``add_attention``."""
+        attn_mod, mlp_mod = self.mod.triples(vec)
+        q, k, v = self.attn.qkv_heads(modulate(layer_norm(x), attn_mod.shift, attn_mod.scale))
+        return (q, k, v), StreamMod(attn_mod, mlp_mod)
 
     def add_attention(
-        self, x: torch.Tensor, attn: torch.Tensor, mod: tuple[torch.Tensor, ...], backend: str
+        self, x: torch.Tensor, attn: torch.Tensor, mod: StreamMod, backend: str
     ) -> torch.Tensor:
         """x + gate_a * attn, with attn the stream's projected joint-attention output."""
-        return torch.addcmul(x, mod[2], attn)
+        return torch.addcmul(x, mod.attn.gate, attn)
 
-    def add_mlp(
-        self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor
-    ) -> torch.Tensor:
+    def add_mlp(self, x: torch.Tensor, mod: ModulationOut) -> torch.Tensor:
         """x + gate_m * mlp(modulate(norm(x), shift_m, scale_m))."""
-        return torch.addcmul(x, gate, self.mlp(modulate(layer_norm(x), shift, scale)))
+        return torch.addcmul(x, mod.gate, self.mlp(modulate(layer_norm(x), mod.shift, mod.scale)))
 
 
 class DualStream(Stream):
@@ -173,26 +185,24 @@ class DualStream(Stream):
 
     def __init__(self, dim: int, num_heads: int, qk_norm: str | None):
         super().__init__(dim, num_heads, qk_norm)
-        self.attn2 = SelfAttention(dim, num_heads, qk_norm)
+        self.attn2 = SD3Attention(dim, num_heads, qk_norm)
 
     def pre_attention(self, x: torch.Tensor, vec: torch.Tensor):
-        mod = self.mod(vec)
+        attn_mod, mlp_mod, attn2_mod = self.mod.triples(vec)
         x_norm = layer_norm(x)
-        q, k, v = self.attn.qkv_heads(modulate(x_norm, mod[0], mod[1]))
-        return (q, k, v), (*mod, x_norm)
+        q, k, v = self.attn.qkv_heads(modulate(x_norm, attn_mod.shift, attn_mod.scale))
+        return (q, k, v), StreamMod(attn_mod, mlp_mod, attn2_mod, x_norm)
 
     def add_attention(
-        self, x: torch.Tensor, attn: torch.Tensor, mod: tuple[torch.Tensor, ...], backend: str
+        self, x: torch.Tensor, attn: torch.Tensor, mod: StreamMod, backend: str
     ) -> torch.Tensor:
         """x + gate_a * attn + gate_2 * attn2(modulate_2(norm(x)))."""
-        shift_2, scale_2, gate_2, x_norm = mod[6:]
-        q, k, v = self.attn2.qkv_heads(modulate(x_norm, shift_2, scale_2))
-        del x_norm
+        q, k, v = self.attn2.qkv_heads(modulate(mod.x_norm, mod.attn2.shift, mod.attn2.scale))
         if self.attn2.norm_q is not None:  # q and k are copies: a copy of v lets the [B, L, 3 D] qkv go
             v = v.contiguous()
         attn2 = self.attn2.proj(attention(q, k, v, backend))
         del q, k, v
-        return torch.addcmul(torch.addcmul(x, mod[2], attn), gate_2, attn2)
+        return torch.addcmul(torch.addcmul(x, mod.attn.gate, attn), mod.attn2.gate, attn2)
 
 
 class PreOnlyStream(nn.Module):
@@ -201,7 +211,7 @@ class PreOnlyStream(nn.Module):
     def __init__(self, dim: int, num_heads: int, qk_norm: str | None):
         super().__init__()
         self.mod = Modulation(dim, 2)
-        self.attn = SelfAttention(dim, num_heads, qk_norm, proj=False)
+        self.attn = SD3Attention(dim, num_heads, qk_norm, proj=False)
 
     def pre_attention(self, x: torch.Tensor, vec: torch.Tensor):
         """(None, k, v): the text queries' outputs would be discarded, so they are never computed."""
@@ -225,12 +235,11 @@ class JointBlock(nn.Module):
         self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, backend: str
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         img, txt, img_mod, txt_mod = self.joint_attention(img, txt, vec, backend)
-        img = self.img.add_mlp(img, *img_mod)
-        return img, None if txt_mod is None else self.txt.add_mlp(txt, *txt_mod)
+        img = self.img.add_mlp(img, img_mod)
+        return img, None if txt_mod is None else self.txt.add_mlp(txt, txt_mod)
 
     def joint_attention(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, backend: str):
-        """Both streams after their attention residual (txt None when pre-only) and their MLP modulation
-        (shift_m, scale_m, gate_m).
+        """Both streams after their attention residual (txt None when pre-only) and their MLP modulation.
 
         Its own function so that q, k, v, the attention outputs and the rest of the modulation are freed
         before the MLPs run.
@@ -247,9 +256,9 @@ class JointBlock(nn.Module):
         n_img = img.shape[1]
         img = self.img.add_attention(img, self.img.attn.proj(out[:, :n_img]), img_mod, backend)
         if txt_mod is None:
-            return img, None, img_mod[3:6], None
+            return img, None, img_mod.mlp, None
         txt = self.txt.add_attention(txt, self.txt.attn.proj(out[:, n_img:]), txt_mod, backend)
-        return img, txt, img_mod[3:6], txt_mod[3:6]
+        return img, txt, img_mod.mlp, txt_mod.mlp
 
 
 class FinalLayer(nn.Module):
