@@ -227,3 +227,45 @@ def test_run_stops_before_training_when_too_many_files_are_bad(tmp_path):
     cfg.data.max_bad_fraction = 0.5
     loader, bad, _ = make_loader(cfg, Layout(batch_size=1), 0)
     assert len(bad.paths) == 3 and next(iter(loader))["pixels"].shape == (1, 3, 64, 64)
+
+
+def test_a_caption_that_is_not_utf8_is_skipped_and_named(tmp_path):
+    for i in range(3):
+        Image.new("RGB", (64, 64), (i * 40, 0, 0)).save(tmp_path / f"img{i}.png")
+        (tmp_path / f"img{i}.txt").write_text(f"caption {i}", encoding="utf-8")
+    (tmp_path / "img1.txt").write_bytes("caf\xe9 latin-1".encode("latin-1"))
+    data = DataConfig(path=str(tmp_path), resolution=64, bucket_step=32, max_bad_fraction=0.5)
+    records, bad = scan_folder(tmp_path, data)
+    assert [r.caption for r in records] == ["caption 0", "caption 2"]
+    assert list(bad.paths) == [str(tmp_path / "img1.png")]
+    assert f"{tmp_path / 'img1.txt'}: the caption is not UTF-8" in bad.paths[str(tmp_path / "img1.png")]
+    assert bad.summary() == "1 of 3 images skipped as unreadable (33.3%)"
+
+
+def test_metadata_jsonl_that_is_not_utf8_names_the_line(tmp_path):
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    rows = [
+        json.dumps({"file_name": "a.png", "text": "fine"}).encode(),
+        b'{"file_name": "b.png", "text": "\xe9"}',
+    ]
+    (tmp_path / "metadata.jsonl").write_bytes(b"\n".join(rows))
+    data = DataConfig(path=str(tmp_path), resolution=64, bucket_step=32)
+    with pytest.raises(ValueError, match=r"metadata.jsonl:2: the line is not UTF-8"):
+        scan_folder(tmp_path, data)
+
+
+def test_webdataset_caption_that_is_not_utf8_is_a_bad_sample(tmp_path):
+    import webdataset as wds
+
+    from mmdit_flow.training.data import ShardStream
+
+    good = [_png_bytes(Image.new("RGB", (64, 64), (i * 30, 0, 0))) for i in range(3)]
+    with wds.TarWriter(str(tmp_path / "s0.tar")) as w:
+        w.write({"__key__": "a0", "png": good[0], "txt": "cap 0"})
+        w.write({"__key__": "latin", "png": good[1], "txt": "caf\xe9".encode("latin-1")})
+        w.write({"__key__": "a2", "png": good[2], "txt": "cap 2"})
+    data = DataConfig(shards=[str(tmp_path / "s0.tar")], resolution=32, bucket_step=32)
+    first = next(iter(ShardStream(data.shards, data, Layout(batch_size=2), seed=0)))
+    assert sorted(first["caption"]) == ["cap 0", "cap 2"]  # no replacement characters trained on
+    assert [name.split(":")[-1] for name, _ in first["bad"]] == ["latin"]
+    assert "the caption is not UTF-8" in first["bad"][0][1]

@@ -7,7 +7,8 @@ Decoding (``load_image``): EXIF orientation applied; RGBA, LA and palette transp
 background colour; 16-bit and 32-bit greyscale scaled to [0, 1] by their bit depth (PIL's own ``convert``
 clips them to 255); images with more than ``max_pixels`` pixels refused before they are decoded.
 Unreadable files (corrupt, truncated, zero-byte, refused) raise ``BadImage``; the datasets skip them,
-count them in ``BadFiles``, and the run stops once their share passes ``data.max_bad_fraction``.
+count them in ``BadFiles``, and the run stops once their share passes ``data.max_bad_fraction``. An image
+whose caption is not UTF-8 is skipped and counted the same way, its caption file named in the tally.
 
 Data order: an optimizer step consumes one *step batch* of ``batch_size * num_processes * grad_accum``
 samples. Step batches are drawn per epoch from a permutation seeded by ``(seed, epoch)`` (one bucket per
@@ -41,7 +42,8 @@ _EXIF_ORIENTATION = 0x0112
 
 
 class BadImage(ValueError):
-    """An image file that cannot be used: corrupt, truncated, empty, or over the pixel limit."""
+    """A sample that cannot be used: an image corrupt, truncated, empty or over the pixel limit, or a caption
+    that is not UTF-8."""
 
 
 class TooManyBadFiles(RuntimeError):
@@ -247,7 +249,13 @@ def read_captions(root: Path, column: str = "text") -> dict[Path, str]:
     """Captions from every ``metadata.jsonl`` under ``root`` (file_name relative to the jsonl's folder)."""
     captions: dict[Path, str] = {}
     for meta in sorted(root.rglob("metadata.jsonl")):
-        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+        for n, raw in enumerate(meta.read_bytes().splitlines(), 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{meta}:{n}: the line is not UTF-8 text ({err}); save the file as UTF-8"
+                ) from err
             if not line.strip():
                 continue
             try:
@@ -279,8 +287,13 @@ def scan_folder(root: str | Path, data: Any, bad: BadFiles | None = None) -> tup
             bad.add(str(path), str(err))
             continue
         caption = meta.get(path.resolve())
-        if caption is None and path.with_suffix(".txt").is_file():
-            caption = path.with_suffix(".txt").read_text(encoding="utf-8").strip()
+        sidecar = path.with_suffix(".txt")
+        if caption is None and sidecar.is_file():
+            try:
+                caption = sidecar.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError as err:  # the image without its caption would train on the wrong text
+                bad.add(str(path), f"{sidecar}: the caption is not UTF-8 text ({err}); save it as UTF-8")
+                continue
         if caption is None:
             uncaptioned += 1
         size = nearest_bucket(w, h, buckets) if buckets else (data.resolution, data.resolution)
@@ -466,15 +479,19 @@ class ShardStream(torch.utils.data.IterableDataset):
 
         yield from tarfile_samples([{"url": u} for u in urls], handler=skip_broken_tar)
 
-    def _image_bytes(self, sample: dict[str, Any]) -> tuple[bytes | None, str]:
+    def _image_bytes(self, sample: dict[str, Any], name: str) -> tuple[bytes | None, str]:
+        """The sample's image bytes and caption; a caption that is not UTF-8 raises ``BadImage``."""
         image = next((sample[k] for k in ("jpg", "jpeg", "png", "webp", "bmp") if k in sample), None)
         caption = sample.get("txt", b"")
-        if "json" in sample and not caption:
-            try:
-                caption = json.loads(sample["json"]).get(self.data.caption_column, "")
-            except (json.JSONDecodeError, AttributeError):
-                caption = ""
-        caption = caption.decode("utf-8", "replace") if isinstance(caption, bytes) else str(caption)
+        try:
+            if "json" in sample and not caption:
+                try:
+                    caption = json.loads(sample["json"]).get(self.data.caption_column, "")
+                except (json.JSONDecodeError, AttributeError):
+                    caption = ""
+            caption = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+        except UnicodeDecodeError as err:
+            raise BadImage(f"{name}: the caption is not UTF-8 text ({err})") from err
         return image, caption.strip()
 
     def _steps(self) -> Iterator[tuple[int, list[tuple[str, bytes, str, tuple[int, int]]], list]]:
@@ -486,8 +503,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             for sample in self._samples(epoch):
                 seen += 1
                 name = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
-                image, caption = self._image_bytes(sample)
                 try:
+                    image, caption = self._image_bytes(sample, name)
                     if image is None:
                         raise BadImage(f"{name}: no image (jpg, png, webp) in the sample")
                     w, h = image_size(image, max_pixels=self.data.max_image_pixels)
