@@ -2,9 +2,10 @@
 
 One step = forward under bf16 CPU autocast (as the recipe trains), fp32 loss, backward, gradient clipping
 and an AdamW step, on a batch of the recipe's shapes (32 samples: 16 x 16 x 16 latents = 64 image tokens,
-32 + 32 text tokens). Variants are timed in interleaved rounds (round i runs every variant once) so that
-machine noise hits all of them; the report is steps per second (median over rounds) and the ratio to
-``sdpa``, the default backend. The recipe's ``model.overrides`` can be changed with ``key=value``::
+32 + 32 text tokens). Variants are timed by bench/timing.py's protocol (interleaved rounds, every variant
+once per round, the order reversed every other round) so that machine noise hits all of them; the report is
+steps per second (median over rounds) and the speed ratio to ``sdpa``, the default backend, with a 95%
+interval. The recipe's ``model.overrides`` can be changed with ``key=value``::
 
     python bench/train_backends.py --threads 2 --rounds 5 --steps 20
     python bench/train_backends.py model.overrides.depth=8     # another shape of the recipe
@@ -13,10 +14,9 @@ machine noise hits all of them; the report is steps per second (median over roun
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import interleaved
 
 from mmdit_flow.training.config import load_config
 from mmdit_flow.training.ship import CONFIG
@@ -60,23 +60,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant and round")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    steps = {}
-    for name in VARIANTS:
-        steps[name] = make_step(args.overrides, name)
-        for _ in range(3):  # warm-up
-            steps[name]()
-    rates: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            rates[name].append(args.steps / (time.perf_counter() - t0))
-    base = statistics.median(rates["sdpa"])
+    steps = {name: make_step(args.overrides, name) for name in VARIANTS}
+    timings = interleaved(steps, rounds=args.rounds, warmup=3, calls=args.steps)
     print(f"\n{' '.join(args.overrides) or 'recipe'}, {args.threads} threads, bf16 autocast")
-    print("| attention backend | steps/s | vs sdpa |\n|---|---:|---:|")
-    for name, r in rates.items():
-        print(f"| {name} | {statistics.median(r):.2f} | {statistics.median(r) / base:.2f}x |")
+    print("| attention backend | steps/s | vs sdpa (95% interval) |\n|---|---:|---:|")
+    for name in VARIANTS:
+        print(f"| {name} | {1 / timings.median(name):.2f} | {timings.ratio('sdpa', name)} |")
 
 
 if __name__ == "__main__":
