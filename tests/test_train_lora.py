@@ -185,6 +185,13 @@ def test_pickle_lora_files_need_allow_pickle(tmp_path):
         ),
         ({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(3, 32)}, "rank 3 but"),
         ({"transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(48, 2)}, "other sizes"),
+        (
+            {
+                "transformer.pos_embed.proj.lora_A.weight": torch.zeros(2, 16),
+                "transformer.pos_embed.proj.lora_B.weight": torch.zeros(32, 2),
+            },
+            "pos_embed.proj, which is not a linear layer",
+        ),
     ],
 )
 def test_bad_lora_files_are_refused_with_the_key(tmp_path, change, match):

@@ -185,6 +185,8 @@ def _factors(
 
 def _delta(rule: Rule, factors: dict[str, dict[str, torch.Tensor]], weight: torch.Tensor) -> torch.Tensor:
     """Our layer's delta W from the file's factors of its parts, zeros for the parts the file leaves out."""
+    if weight.ndim != 2:
+        raise ValueError(f"the LoRA adapts {', '.join(rule.theirs)}, which is not a linear layer")
     n = len(rule.theirs)
     rows = rule.sizes or (weight.shape[0] // n,) * n
     parts = []
