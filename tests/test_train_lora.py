@@ -208,3 +208,13 @@ def test_lora_files_for_flux_are_refused_until_supported():
     )
     with pytest.raises(ValueError, match="LoRA files for flux transformers are not supported yet"):
         lora_deltas(flux, {})
+
+
+def test_alpha_entries_are_ignored_with_a_warning(tmp_path, caplog):
+    _, sd = _tiny_lora_file(tmp_path / "l.safetensors")
+    model = SD3Transformer(SD3Config(**TINY))
+    expected = lora_deltas(model, sd)
+    with caplog.at_level("WARNING", logger="mmdit_flow.weights.lora"):
+        got = lora_deltas(model, {**sd, "transformer.norm_out.linear.alpha": torch.tensor(8.0)})
+    assert "1 .alpha entries (transformer.norm_out.linear.alpha) are ignored" in caplog.text
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)

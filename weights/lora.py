@@ -24,6 +24,7 @@ parser. Only diffusers' naming and SD3 / SD3.5 transformers are supported so far
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from mmdit_flow.weights.formats import KeyFormat, StateDict
 from mmdit_flow.weights.io import PICKLE_SUFFIXES, CheckpointError, _names, read_checkpoint, save_file
 from mmdit_flow.weights.keymap import Rule, join, module_rules, split
 from mmdit_flow.weights.transformer import family_of_model
+
+logger = logging.getLogger(__name__)
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default file name
 LORA_WEIGHT_NAME_PICKLE = "pytorch_lora_weights.bin"
@@ -156,13 +159,20 @@ def _factors(
 ) -> dict[str, dict[str, torch.Tensor]]:
     """{their module: {"A": tensor, "B": tensor}} for the keys ``lookup`` knows; raise on any other key."""
     found: dict[str, dict[str, torch.Tensor]] = {}
-    unknown = []
+    unknown, alphas = [], []
     for key, value in sd.items():
         if key in lookup:
             module, factor = lookup[key]
             found.setdefault(module, {})[factor] = value.float()
-        elif not key.endswith(".alpha"):
-            unknown.append(key)
+        else:
+            (alphas if key.endswith(".alpha") else unknown).append(key)
+    if alphas:
+        logger.warning(
+            "the LoRA's %d .alpha entries (%s) are ignored: B is taken to hold the scale already, as in the "
+            "files diffusers and mmdit-flow write",
+            len(alphas),
+            _names(alphas, 3),
+        )
     if unknown:
         raise ValueError(
             f"LoRA keys {_names(sorted(unknown), 5)} match no layer of this transformer in the "
