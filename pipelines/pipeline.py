@@ -10,7 +10,13 @@ For the same weights, prompts and seed the images equal those of diffusers' ``St
   step);
 - classifier-free guidance runs cond and uncond in one batched forward, and the positive and negative
   prompts go through each text encoder in one batch;
-- bad input raises a ValueError that says how to fix it, and non-finite latents raise before decoding;
+- bad input raises a ValueError that says how to fix it (sizes in pixels), non-finite latents raise before
+  decoding and non-finite decoded images before conversion;
+- arguments left unset take the model folder's defaults (``mmdit_flow.json``, see ``defaults.py``; shown as
+  ``pipe.defaults``), and a prompt with words the model never saw, or a size outside those it was trained
+  at, gives one warning each where the folder records them;
+- diffusers' names ``num_inference_steps``, ``guidance_scale``, ``num_images_per_prompt`` and
+  ``output_type`` are accepted for ours (giving both is an error); ``pipe.to(device, dtype)`` as in diffusers;
 - ``output="latent"`` returns Flux latents unpacked, [N, C, h, w] like SD3's (diffusers returns them packed).
 
 Guidance: for SD3 ``guidance`` is the CFG scale w in v = v_u + w (v_c - v_u) (default 7; w <= 1 runs the cond
@@ -25,6 +31,7 @@ largest model alone. It is slower by the transfers and gives the same images.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,18 +39,27 @@ from typing import Any
 import torch
 
 from mmdit_flow.pipelines import checks
+from mmdit_flow.pipelines.defaults import FILE as DEFAULTS_FILE
+from mmdit_flow.pipelines.defaults import ModelDefaults, native_size, read_defaults
 from mmdit_flow.pipelines.loading import Components, default_device_dtype, demo_folder, load_components
 from mmdit_flow.pipelines.text import ClipEncoder, FluxTextEncoder, PromptEmbeds, SD3TextEncoder, T5Encoder
 from mmdit_flow.pipelines.vae import LatentCodec, to_numpy, to_pil
 
-DEFAULT_GUIDANCE = {"sd3": 7.0, "flux": 3.5}
 FLUX_PACK = 2  # Flux packs 2x2 latent patches into one token
 
 
 class TextToImagePipeline:
     """Text-to-image generation with an SD3 / SD3.5 or Flux transformer; see the module docstring."""
 
-    def __init__(self, components: Components, *, device: torch.device, dtype: torch.dtype, offload=False):
+    def __init__(
+        self,
+        components: Components,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        offload: bool = False,
+        defaults: ModelDefaults | None = None,
+    ):
         self.components, self.family = components, components.family
         self.device, self.dtype, self.offload = device, dtype, offload
         self.transformer = components.transformer
@@ -65,6 +81,15 @@ class TextToImagePipeline:
             )
             self.patch = FLUX_PACK
         self.guidance_embeds = bool(components.transformer_config.get("guidance_embeds", False))
+        scale = self.codec.scale_factor
+        # the largest image side the SD3 position table covers (Flux's rotary positions have no limit)
+        table = getattr(self.transformer.config, "pos_embed_max_size", None)
+        self.largest = table * self.patch * scale if self.family == "sd3" and table else None
+        native = native_size(self.family, components.transformer_config, scale)
+        # what a call uses for the arguments it leaves unset (steps, guidance, size, max_sequence_length)
+        self.defaults = defaults or ModelDefaults.from_json(
+            None, family=self.family, native_size=native, source="(no mmdit_flow.json)"
+        )
 
     # -------------------------------------------------------------------------------------- loading, saving
 
@@ -85,16 +110,42 @@ class TextToImagePipeline:
         """
         folder = Path(path) if path is not None else demo_folder()
         device, dtype = default_device_dtype(device, dtype)
+        defaults = read_defaults(folder)
         components = load_components(
             folder, device=device, dtype=dtype, allow_pickle=allow_pickle, offload=offload
         )
-        return cls(components, device=device, dtype=dtype, offload=offload)
+        return cls(components, device=device, dtype=dtype, offload=offload, defaults=defaults)
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write a diffusers folder (safetensors) that diffusers' own pipelines load."""
+        """Write a diffusers folder (safetensors) that diffusers' own pipelines load, with the model's
+        ``mmdit_flow.json`` defaults when it came with them."""
         from mmdit_flow.pipelines.loading import save_components
+        from mmdit_flow.weights.io import write_json
 
-        return save_components(self.components, Path(path))
+        folder = save_components(self.components, Path(path))
+        if self.defaults.recorded:
+            write_json(self.defaults.to_json(), Path(path) / DEFAULTS_FILE)
+        return folder
+
+    def to(
+        self, device: str | torch.device | torch.dtype | None = None, dtype: torch.dtype | None = None
+    ) -> TextToImagePipeline:
+        """Move every model to ``device`` and/or cast it to ``dtype``, as diffusers' ``pipe.to`` does (also
+        ``pipe.to(torch.bfloat16)``); returns the pipeline. The precision rules of ``from_pretrained`` hold:
+        T5 never runs in float16 (float32 instead) and a VAE whose config sets ``force_upcast`` stays
+        float32. With offloading the models stay on the CPU and ``device`` is where each one runs."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device if dtype is None else dtype
+        self.device, self.dtype = default_device_dtype(
+            self.device if device is None else device, self.dtype if dtype is None else dtype
+        )
+        place = torch.device("cpu") if self.offload else self.device
+        self.transformer.to(place, self.dtype)
+        for model in self.components.text_encoders.values():
+            is_t5 = "T5" in type(model).__name__
+            model.to(place, torch.float32 if is_t5 and self.dtype == torch.float16 else self.dtype)
+        self.codec.vae.to(place, torch.float32 if self.codec.force_upcast else self.dtype)
+        return self
 
     def load_lora(
         self,
@@ -173,6 +224,27 @@ class TextToImagePipeline:
         )
         return timesteps(steps, mu=mu, grid="linear" if self.family == "flux" else "scheduler")
 
+    def _warn_outside_training(self, prompts: list[str], height: int, width: int) -> None:
+        """One warning for the words of a call the model never saw, one for a size it was not trained at."""
+        unknown = self.defaults.unknown_words(prompts)
+        if unknown:
+            warnings.warn(
+                f"this model never saw the word(s) {', '.join(map(repr, unknown))} in training, so they "
+                "will be ignored or misread; pipe.defaults.vocabulary lists the "
+                f"{len(self.defaults.vocabulary)} words it knows",
+                UserWarning,
+                stacklevel=3,
+            )
+        if self.defaults.outside_trained_sizes(height, width):
+            low, high = self.defaults.trained_sizes
+            trained = f"{low} px" if low == high else f"{low} to {high} px"
+            warnings.warn(
+                f"{height}x{width} px is outside the sizes this model was trained at ({trained} a side); "
+                f"expect worse images, or use height=width={self.defaults.height}",
+                UserWarning,
+                stacklevel=3,
+            )
+
     def _velocity(self, x: torch.Tensor, t: torch.Tensor, txt, vec, guidance=None) -> torch.Tensor:
         return self.transformer(x, t, txt, vec, guidance=guidance)
 
@@ -196,17 +268,17 @@ class TextToImagePipeline:
         self,
         prompt: str | list[str] | None = None,
         *,
-        steps: int = 28,
+        steps: int | None = None,
         guidance: float | None = None,
         negative_prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
         seed: int | list[int] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
-        num_images: int = 1,
+        num_images: int | None = None,
         sampler: str = "euler",
         latents: torch.Tensor | None = None,
-        output: str = "pil",
+        output: str | None = None,
         max_sequence_length: int | None = None,
         progress: bool = True,
         callback: Callable[[int, float, torch.Tensor], None] | None = None,
@@ -215,33 +287,45 @@ class TextToImagePipeline:
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        **diffusers_names: Any,
     ) -> Any:
         """Generate images; returns one PIL image for a str prompt with ``num_images=1``, else a list
         (``output="np"``: float32 [N, H, W, 3] in [0, 1]; ``"pt"``: [N, 3, H, W]; ``"latent"``: [N, C, h, w]).
 
-        ``callback(i, t, latents)`` runs after step i with the time reached and the fp32 latents.
+        Unset arguments take the model's defaults (``pipe.defaults``: steps, guidance, height, width,
+        max_sequence_length; for folders without ``mmdit_flow.json`` diffusers' 28 steps, guidance 7 / 3.5
+        and the native size), ``num_images`` 1 and ``output`` "pil". diffusers' names
+        ``num_inference_steps``, ``guidance_scale``, ``num_images_per_prompt`` and ``output_type`` are taken
+        for ours. ``callback(i, t, latents)`` runs after step i with the time reached and the fp32 latents.
         """
         from mmdit_flow.sampling import cfg, solve
 
-        scale = self.codec.scale_factor
-        default = (
-            128 * scale
-            if self.family == "flux"
-            else int(self.components.transformer_config.get("sample_size", 128)) * scale
+        named = checks.diffusers_names(
+            diffusers_names,
+            {"steps": steps, "guidance": guidance, "num_images": num_images, "output": output},
         )
-        height, width = height or default, width or default
+        d = self.defaults
+        guidance = named["guidance"]
+        steps = d.steps if named["steps"] is None else named["steps"]
+        num_images = 1 if named["num_images"] is None else named["num_images"]
+        output = "pil" if named["output"] is None else named["output"]
+        height = d.height if height is None else height
+        width = d.width if width is None else width
+        max_sequence_length = d.max_sequence_length if max_sequence_length is None else max_sequence_length
+        scale = self.codec.scale_factor
         args = checks.check_call(
             family=self.family,
             prompt=prompt,
             negative_prompt=negative_prompt,
             steps=steps,
-            guidance=DEFAULT_GUIDANCE[self.family] if guidance is None else guidance,
+            guidance=d.guidance if guidance is None else guidance,
             guidance_given=guidance is not None,
             guidance_embeds=self.guidance_embeds,
             true_cfg_scale=true_cfg_scale,
             height=height,
             width=width,
             multiple=scale * self.patch,
+            largest=self.largest,
             num_images=num_images,
             sampler=sampler,
             output=output,
@@ -250,11 +334,19 @@ class TextToImagePipeline:
             given=checks.GivenEmbeds.from_tensors(
                 prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds
             ),
+            embed_dims=(self.transformer.config.context_dim, self.transformer.config.vec_dim),
             max_sequence_length=max_sequence_length,
             limit=self.text.limit,
+            progress=progress,
+            callback=callback,
         )
+        steps, num_images, height, width = args.steps, args.num_images, args.height, args.width
+        self._warn_outside_training(args.prompts + [n for n in args.negatives if n], height, width)
         h, w = height // scale, width // scale
         n = args.batch * num_images
+        if latents is not None:
+            checks.check_latents(latents, (n, self.codec.channels, h, w))
+        ts = self._grid(steps, h, w)  # before any model runs: a grid too fine for fp32 raises here
 
         cond, uncond = self._embeddings(
             args.prompts, args.negatives, args.given, args.guided, max_sequence_length
@@ -269,12 +361,10 @@ class TextToImagePipeline:
             fn = cfg(fn, args.cfg_scale, **{**kwargs, "txt": uncond.txt, "vec": uncond.vec})
 
         if latents is not None:
-            checks.check_latents(latents, (n, self.codec.channels, h, w))
             x = latents.to(self.device, self.dtype)
         else:
             x = self._noise(n, h, w, args.generators)
 
-        ts = self._grid(steps, h, w)
         from tqdm.auto import tqdm
 
         with tqdm(total=steps, disable=not progress, desc="sampling") as bar:

@@ -113,7 +113,7 @@ class T5Encoder:
 
 
 def check_max_sequence_length(max_sequence_length: int, limit: int) -> None:
-    if not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= limit:
+    if type(max_sequence_length) is not int or not 1 <= max_sequence_length <= limit:  # bool is no int here
         raise ValueError(
             f"max_sequence_length must be an integer in [1, {limit}] (the T5 tokenizer's model_max_length, "
             f"at most {T5_MAX_LENGTH}), "

@@ -36,7 +36,7 @@ def vae_scale(config: Any) -> int:
     return 2 ** (len(config["block_out_channels"]) - 1)
 
 
-def _rows_with(bad: torch.Tensor) -> list[int]:
+def rows_with(bad: torch.Tensor) -> list[int]:
     """The batch indices of the rows of ``bad`` [B, ...] that hold any True."""
     return sorted({int(i) for i in bad.flatten(1).any(dim=1).nonzero().flatten()})
 
@@ -94,7 +94,7 @@ class LatentCodec:
         bad = ~torch.isfinite(z)
         if bad.any():
             raise NonFiniteLatentsError(
-                f"the sampled latents of image(s) {_rows_with(bad)} contain NaN or inf ({int(bad.sum())} "
+                f"the sampled latents of image(s) {rows_with(bad)} contain NaN or inf ({int(bad.sum())} "
                 "values), so they cannot be decoded. This usually means the transformer overflowed: run it "
                 "in bfloat16 or float32 rather than float16, lower the guidance scale, or check the weights."
             )
@@ -106,11 +106,15 @@ class LatentCodec:
             image = self.vae.decode(x, return_dict=False)[0]
         bad = ~torch.isfinite(image)
         if bad.any():
+            what = (
+                "In float32 that means broken VAE weights (NaN or huge values): check or re-download vae/."
+                if self.dtype == torch.float32
+                else 'It overflowed: decode in float32 (set "force_upcast": true in vae/config.json, or load '
+                "with dtype=torch.float32), or use a VAE made for this dtype."
+            )
             raise NonFiniteImagesError(
-                f"the VAE decoded the finite latents of image(s) {_rows_with(bad)} to NaN or inf pixels "
-                f"({int(bad.sum())} values) in {self.dtype}. It overflowed: decode in float32 (set "
-                '"force_upcast": true in vae/config.json, or load with dtype=torch.float32), or use a VAE '
-                "made for float16; in float32 already, check the VAE weights."
+                f"the VAE decoded the finite latents of image(s) {rows_with(bad)} to NaN or inf pixels "
+                f"({int(bad.sum())} values) in {self.dtype}. {what}"
             )
         return (image.float() / 2 + 0.5).clamp(0, 1)
 
