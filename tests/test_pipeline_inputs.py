@@ -215,3 +215,13 @@ def test_nan_decoded_images_raise_before_conversion(folder):
     assert pipe("a cat", output="latent", **OK).isfinite().all()  # latents are not decoded
     hook.remove()
     assert np.isfinite(pipe("a cat", output="np", **OK)).all()
+
+
+def test_nan_sampled_latents_raise_before_decoding(folder):
+    from mmdit_flow.pipelines import TextToImagePipeline
+    from mmdit_flow.pipelines.vae import NonFiniteLatentsError
+
+    pipe = TextToImagePipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    pipe.transformer.register_forward_hook(lambda m, a, out: out * float("nan"))  # an overflowing network
+    with pytest.raises(NonFiniteLatentsError, match=r"the sampled latents of image\(s\) \[0, 1\]"):
+        pipe(["a cat", "a dog"], **OK)
