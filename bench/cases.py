@@ -143,7 +143,8 @@ class Case:
 
     def relative_error(self) -> float:
         """|v_ours - v_diffusers| / |v_diffusers| on the case's inputs, in eval mode and fp32 arithmetic."""
-        self.ours.eval(), self.theirs.eval()
+        self.ours.eval()
+        self.theirs.eval()
         with torch.no_grad():
             a, b = self.run("ours").float(), self.run("diffusers").float()
         return ((a - b).norm() / b.norm()).item()
@@ -180,12 +181,12 @@ def diffusers_velocity(family: str, model: nn.Module) -> VelocityFn:
 
 
 def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Random non-zero weights (see the module docstring), drawn on the parameters' device."""
-    gen: dict[torch.device, torch.Generator] = {}
+    """Random non-zero weights (see the module docstring), drawn on the parameters' (one) device."""
+    device = next(module.parameters()).device
+    gen = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
-            g = gen.setdefault(p.device, torch.Generator(p.device).manual_seed(seed))
-            noise = torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype)
+            noise = torch.randn(p.shape, generator=gen, device=device, dtype=p.dtype)
             if p.ndim >= 2:
                 p.copy_(noise / math.sqrt(math.prod(p.shape[1:])))
             else:
