@@ -30,8 +30,9 @@ A save (called on every process, as accelerate's ``save_state`` requires):
 
 accelerate and the diffusers training scripts delete the old checkpoint first; a crash between that and the
 end of the new save leaves nothing. Here a crash at any point leaves a complete checkpoint: a folder with a
-marker counts under each of its three names, ``step-N`` before ``step-N.tmp`` (the newer save of that step)
-before ``step-N.old``, so the moment between the two renames of step 4 is covered too.
+marker counts under each of its three names, ``step-N.tmp`` (the newest save of that step) before ``step-N``
+before ``step-N.old``, so the moment between the two renames of step 4 is covered too, and the next save
+of that step first renames the preferred copy to ``step-N``.
 
 Resume takes the newest complete checkpoint and checks that every file its marker lists is there with its
 size, and that this process's RNG file (readable with ``weights_only=True``), the optimizer file and our state
@@ -59,7 +60,7 @@ EMA_FILE = "ema.safetensors"
 STATE_FORMAT = 1
 _PICKLED_STATE = "custom_checkpoint_*.pkl"  # accelerate's register_for_checkpointing files
 _NAME = re.compile(r"^step-(\d{8,})(\.tmp|\.old)?$")
-_RANK = {"": 0, ".tmp": 1, ".old": 2}  # which copy of one step a resume prefers
+_RANK = {".tmp": 0, "": 1, ".old": 2}  # which copy of one step a resume prefers: the newest save first
 
 
 def checkpoint_path(root: str | Path, step: int) -> Path:
@@ -169,10 +170,10 @@ def rotate(root: str | Path, keep: int) -> None:
 
 def _settle(final: Path) -> None:
     """Finish a save of ``final``'s step that a crash interrupted, so that its complete copy is ``final``."""
-    for spare in (_spare(final, ".tmp"), _spare(final, ".old")):  # .tmp is the newer save
+    for spare in (_spare(final, ".tmp"), _spare(final, ".old")):
         if not spare.exists():
             continue
-        if _complete(spare) and not _complete(final):
+        if _complete(spare) and (spare.suffix == ".tmp" or not _complete(final)):  # .tmp: the newest save
             if final.exists():
                 _remove(final)
             os.rename(spare, final)
