@@ -349,8 +349,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from mmdit_flow.training.config import load_config
+    from mmdit_flow.training.resolve import check_size, resolve_config
 
-    config = load_config(args.config, args.overrides)
+    config, size = resolve_config(load_config(args.config, args.overrides))  # the model's size, T5 length
+    check_size(config, size)
     components = config.model.components or config.model.pretrained
     if components is None:
         raise ValueError("caching needs the VAE and text encoders: set model.components (a diffusers folder)")

@@ -6,7 +6,8 @@ A checkpoint is a folder ``<root>/step-00000100``::
     optimizer.bin              AdamW state                                 (accelerate; torch.save)
     random_states_<rank>.pkl   each process's RNG states                   (accelerate; torch.save)
     scaler.pt                  fp16 loss scaler, with fp16 only            (accelerate; torch.save)
-    train_state.json           ours: {"format": 1, "counters": TrainState, "lr_scheduler": LambdaLR state}
+    train_state.json           ours: {"format": 1, "counters": TrainState, "lr_scheduler": LambdaLR state,
+                                      "run": what trained it (training/run_info.py), read before resuming}
     ema.safetensors            ours, with EMA only: the EMA weights, ``decay`` in the file's metadata
     COMPLETE.json              the marker: step, every other file with its size, num_processes
 
@@ -58,6 +59,7 @@ MARKER = "COMPLETE.json"
 STATE_FILE = "train_state.json"
 EMA_FILE = "ema.safetensors"
 STATE_FORMAT = 1
+RECORD = "run"  # the entry of train_state.json that says what kind of run wrote the checkpoint
 _PICKLED_STATE = "custom_checkpoint_*.pkl"  # accelerate's register_for_checkpointing files
 _NAME = re.compile(r"^step-(\d{8,})(\.tmp|\.old)?$")
 _RANK = {".tmp": 0, "": 1, ".old": 2}  # which copy of one step a resume prefers: the newest save first
@@ -137,12 +139,10 @@ def _write_marker(folder: Path, step: int, extra: dict[str, Any]) -> None:
         _fsync(tmp)
 
 
-def _write_own_state(folder: Path, state: dict[str, Any], ema: Any) -> None:
-    """train_state.json (each object's JSON state dict) and, with EMA, ema.safetensors."""
-    write_json(
-        {"format": STATE_FORMAT, **{name: obj.state_dict() for name, obj in state.items()}},
-        folder / STATE_FILE,
-    )
+def _write_own_state(folder: Path, state: dict[str, Any], ema: Any, record: dict[str, Any] | None) -> None:
+    """train_state.json (each object's JSON state dict, the run record) and, with EMA, ema.safetensors."""
+    own = {"format": STATE_FORMAT, **{name: obj.state_dict() for name, obj in state.items()}}
+    write_json(own if record is None else {**own, RECORD: record}, folder / STATE_FILE)
     if ema is not None:
         ema.save(folder / EMA_FILE)
 
@@ -189,11 +189,13 @@ def save_checkpoint(
     keep: int = 3,
     state: dict[str, Any] | None = None,
     ema: Any = None,
+    record: dict[str, Any] | None = None,
 ) -> Path:
     """Save ``step`` crash-safely (module docstring); call on every process.
 
     ``state``: objects whose ``state_dict()`` is JSON (counters, the LR scheduler), saved by name in
-    ``train_state.json``; ``ema``: an ``EMA``, saved as ``ema.safetensors``.
+    ``train_state.json``; ``ema``: an ``EMA``, saved as ``ema.safetensors``; ``record``: plain JSON saying
+    what kind of run this is, read back by ``saved_record`` before a resume.
     """
     final = checkpoint_path(root, step)
     tmp, old = _spare(final, ".tmp"), _spare(final, ".old")
@@ -204,7 +206,7 @@ def save_checkpoint(
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _write_own_state(tmp, state or {}, ema)
+        _write_own_state(tmp, state or {}, ema, record)
         _write_marker(tmp, step, {"num_processes": accelerator.num_processes})
         if final.exists():  # this step was saved before (a rerun of a finished run, a signal after a save)
             os.rename(final, old)
@@ -217,6 +219,12 @@ def save_checkpoint(
         logger.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+def saved_record(folder: str | Path) -> dict[str, Any] | None:
+    """The run record a checkpoint was saved with (``save_checkpoint(record=...)``), None when it has none."""
+    path = Path(folder) / STATE_FILE
+    return read_json(path).get(RECORD) if path.is_file() else None
 
 
 def refuse_pickled_state(folder: str | Path) -> None:

@@ -35,9 +35,14 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from mmdit_flow.training.config import ConfigError
     from mmdit_flow.training.trainer import train
 
-    return train(config)
+    try:
+        return train(config)
+    except ConfigError as err:  # the config does not fit the model or the checkpoints: no traceback
+        print(f"mmdit-flow train: {err}", file=sys.stderr)
+        return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:

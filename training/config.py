@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import types
 import typing
@@ -43,7 +44,7 @@ class ModelConfig:
     pretrained: str | None = None  # a diffusers folder (or its transformer/ subfolder): fine-tune
     overrides: dict[str, Any] = field(default_factory=dict)  # SD3Config fields replaced on the preset
     components: str | None = None  # diffusers folder with vae/ and text encoders; defaults to `pretrained`
-    max_sequence_length: int = 256  # T5 tokens
+    max_sequence_length: int | None = None  # T5 tokens; None: the model's (see training/resolve.py)
     gradient_checkpointing: bool = False
     attention_backend: AttentionBackend = "sdpa"  # "math": fastest for short sequences on the CPU
     compile: bool = False  # torch.compile the transformer in place (state-dict keys unchanged); needs a C++
@@ -63,7 +64,7 @@ class DataConfig:
     path: str | None = None  # image folder: sidecar .txt captions or metadata.jsonl
     shards: list[str] = field(default_factory=list)  # webdataset tar shards (brace patterns allowed)
     cache_dir: str | None = None  # latents + text embeddings written by `mmdit-flow cache`
-    resolution: int = 512
+    resolution: int | None = None  # image side in pixels; None: the model's (see training/resolve.py)
     buckets: bool = False  # aspect-ratio buckets of about resolution^2 pixels
     bucket_step: int = 64
     max_aspect: float = 2.0
@@ -152,6 +153,51 @@ class TrainConfig:
         validate(self)
 
 
+class ConfigError(ValueError):
+    """The config does not fit the model, the data or the checkpoints it meets at the start of a run; the
+    message names the key to change. ``mmdit-flow train`` prints it without a traceback."""
+
+
+# ------------------------------------------------------------------------------------ shipped names
+
+SHIPPED = "shipped:"  # `model.pretrained: shipped:tiny-shapes`, `mmdit-flow train shipped:lora_tiny_shapes`
+
+
+def _package_folder(package: str) -> Path:
+    """A package's folder, found without importing it (``mmdit_flow.weights`` imports torch)."""
+    spec = importlib.util.find_spec(package)
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def shipped_models() -> dict[str, Path]:
+    """Name -> folder of every model that comes with mmdit-flow (package data of ``mmdit_flow.weights``)."""
+    root = _package_folder("mmdit_flow.weights")
+    return {p.name: p for p in sorted(root.iterdir()) if (p / "model_index.json").is_file()}
+
+
+def example_configs() -> dict[str, Path]:
+    """Name -> file of every example training config that comes with mmdit-flow (``training/examples``)."""
+    root = _package_folder("mmdit_flow.training") / "examples"
+    return {p.stem: p for p in sorted(root.glob("*.yaml"))}
+
+
+def _shipped(value: str, found: dict[str, Path], what: str, key: str) -> Path:
+    name = value.removeprefix(SHIPPED)
+    if name not in found:
+        names = ", ".join(SHIPPED + n for n in found) or "none"
+        raise ValueError(f"{key}: {value!r} names no shipped {what}; the shipped {what}s are: {names}")
+    return found[name]
+
+
+def model_folder(value: str, key: str = "model.pretrained") -> str:
+    """The path a ``model.pretrained`` / ``model.components`` value names: ``shipped:NAME`` is the folder
+    of a shipped model (an explicit prefix, so that a local folder of the same name is never shadowed);
+    anything else is a path, returned unchanged."""
+    if not value.startswith(SHIPPED):
+        return value
+    return str(_shipped(value, shipped_models(), "model", key))
+
+
 # ---------------------------------------------------------------------------------------------- validation
 
 
@@ -208,6 +254,9 @@ def validate(c: TrainConfig) -> None:
             "set exactly one of model.preset (train from scratch) and model.pretrained "
             f"(fine-tune a diffusers folder); got preset={m.preset!r}, pretrained={m.pretrained!r}"
         )
+    for key, value in [("model.pretrained", m.pretrained), ("model.components", m.components)]:
+        if value is not None:
+            model_folder(value, key)  # a shipped name must exist
     sources = [s for s in ("path", "shards", "cache_dir") if getattr(d, s)]
     if d.path and d.shards:
         raise ValueError("set one of data.path (image folder) and data.shards (webdataset), not both")
@@ -216,6 +265,10 @@ def validate(c: TrainConfig) -> None:
     for key, value in [
         ("data.resolution", d.resolution),
         ("model.max_sequence_length", m.max_sequence_length),
+    ]:
+        if value is not None:  # None: the model's, resolved when a run starts
+            _positive(key, value)
+    for key, value in [
         ("data.batch_size", d.batch_size),
         ("data.bucket_step", d.bucket_step),
         ("data.max_image_pixels", d.max_image_pixels),
@@ -256,7 +309,7 @@ def validate(c: TrainConfig) -> None:
     _number("seed", c.seed, 0, 2**32, high_ok=False)  # numpy's seeding limit (accelerate's set_seed)
     for i, seed in enumerate(c.output.validation_seeds):
         _number(f"output.validation_seeds[{i}]", seed, 0, 2**64, high_ok=False)  # torch.Generator's
-    if d.resolution % d.bucket_step:
+    if d.resolution is not None and d.resolution % d.bucket_step:
         raise ValueError(
             f"data.resolution ({d.resolution}) must be a multiple of data.bucket_step ({d.bucket_step})"
         )
@@ -450,10 +503,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config (or start from defaults when ``path`` is None) and apply ``key=value`` overrides.
 
+    ``path`` may name a shipped example config: ``shipped:finetune_tiny_shapes`` (see ``example_configs``).
     A key written twice in one mapping of the file (or twice among the overrides) is an error.
     """
     data: dict[str, Any] = {}
     if path is not None:
+        if str(path).startswith(SHIPPED):
+            path = _shipped(str(path), example_configs(), "example config", "the config")
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file {str(path)!r} does not exist")

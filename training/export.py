@@ -3,16 +3,20 @@
 ``validation_grid`` renders the fixed validation prompts (rows) and seeds (columns) with the model being
 trained, through the conditioner's pipeline, into one PNG per step; ``export_final`` writes the trained
 transformer as a diffusers folder (with the VAE and text encoders when the run has them) and, for a LoRA run,
-the adapter file beside it. Both take the model as it should be written: the trainer applies the EMA weights
-first when there are any.
+the adapter file beside it. A pipeline folder gets an ``mmdit_flow.json`` (``mmdit_flow.pipelines.defaults``)
+whose size and ``max_sequence_length`` are those of the training, so that the pipeline samples as trained; the
+rest (steps, guidance, vocabulary of the frozen text encoders) is the base model's. Both take the model as it
+should be written: the trainer applies the EMA weights first when there are any.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from torch import nn
 
+from mmdit_flow.pipelines.defaults import ModelDefaults
 from mmdit_flow.training.cache import Conditioner
 from mmdit_flow.training.config import TrainConfig
 
@@ -56,6 +60,8 @@ def export_final(model: nn.Module, conditioner: Conditioner | None, config: Trai
         from mmdit_flow.weights import save_transformer
 
         return save_transformer(model, out / "final" / "transformer", format="diffusers").parent
+    from mmdit_flow.pipelines.defaults import FILE
+    from mmdit_flow.weights.io import write_json
     from mmdit_flow.weights.sd3_keys import config_to_diffusers
 
     components = conditioner.pipe.components
@@ -63,6 +69,24 @@ def export_final(model: nn.Module, conditioner: Conditioner | None, config: Trai
     components.transformer = model
     components.transformer_config = config_to_diffusers(model.config)
     try:
-        return conditioner.pipe.save_pretrained(out / "final")
+        folder = conditioner.pipe.save_pretrained(out / "final")
     finally:
         components.transformer, components.transformer_config = saved
+    write_json(trained_defaults(conditioner.pipe.defaults, config).to_json(), out / "final" / FILE)
+    return folder
+
+
+def trained_defaults(base: ModelDefaults, config: TrainConfig) -> ModelDefaults:
+    """The base model's defaults with the size and T5 length of this training (a resolved config).
+
+    ``trained_sizes`` spans the base model's and this run's image sides (every bucket side with buckets).
+    """
+    from mmdit_flow.training.data import make_buckets
+
+    d = config.data
+    buckets = make_buckets(d.resolution, d.bucket_step, d.max_aspect) if d.buckets else [(d.resolution,) * 2]
+    sides = [s for b in buckets for s in b] + list(base.trained_sizes or ())
+    return dataclasses.replace(
+        base, height=d.resolution, width=d.resolution, max_sequence_length=config.model.max_sequence_length,
+        trained_sizes=(min(sides), max(sides)), recorded=True,
+    )  # fmt: skip

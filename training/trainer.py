@@ -35,8 +35,14 @@ from torch import nn
 
 from mmdit_flow.flow import cfm_loss, sample_t, shift_t
 from mmdit_flow.training.cache import CachedDataset, Conditioner, TextParts, combine, drop_captions
-from mmdit_flow.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from mmdit_flow.training.config import TrainConfig, save_config
+from mmdit_flow.training.checkpoint import (
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    saved_record,
+)
+from mmdit_flow.training.config import TrainConfig, model_folder, save_config
 from mmdit_flow.training.data import (
     BadFiles,
     ImageFolderDataset,
@@ -48,6 +54,8 @@ from mmdit_flow.training.data import (
 )
 from mmdit_flow.training.ema import EMA
 from mmdit_flow.training.export import export_final, validation_grid
+from mmdit_flow.training.resolve import check_size, resolve_config, transformer_config
+from mmdit_flow.training.run_info import check_resume, plan, run_record, stopped, wrote
 
 logger = logging.getLogger(__name__)
 
@@ -87,20 +95,13 @@ def build_model(config: TrainConfig) -> nn.Module:
     """A preset SD3 transformer (with ``model.overrides``) in fp32, or the one of ``model.pretrained``."""
     m = config.model
     if m.preset is not None:
-        from mmdit_flow.models.sd3 import SD3Config, SD3Transformer
+        from mmdit_flow.models.sd3 import SD3Transformer
 
-        base = SD3Config.preset(m.preset)
-        fields = {f.name for f in dataclasses.fields(SD3Config)}
-        unknown = sorted(set(m.overrides) - fields)
-        if unknown:
-            raise ValueError(
-                f"model.overrides: unknown SD3Config fields {unknown}; valid: {', '.join(sorted(fields))}"
-            )
-        model = SD3Transformer(dataclasses.replace(base, **m.overrides))
+        model = SD3Transformer(transformer_config(config))
     else:
         from mmdit_flow.weights import load_transformer
 
-        path = Path(m.pretrained)
+        path = Path(model_folder(m.pretrained))
         if (path / "transformer").is_dir():
             path = path / "transformer"
         model = load_transformer(path, device="cpu", dtype=torch.float32)
@@ -152,6 +153,7 @@ class Context:
     empty: TextParts  # each encoder's embedding of "", [1, ...]
     conditioner: Conditioner | None = None  # None when training from a cache
     ema: EMA | None = None
+    record: dict[str, Any] | None = None  # what kind of run this is, saved in every checkpoint
 
 
 @dataclass
@@ -315,17 +317,26 @@ def make_loader(config: TrainConfig, layout: Layout, start_step: int) -> tuple[A
 
 
 class StopRequest:
-    """SIGTERM / Ctrl-C set a flag; the loop saves a checkpoint and exits. A second Ctrl-C stops at once."""
+    """SIGTERM / Ctrl-C set a flag; the loop saves a checkpoint and exits. A second Ctrl-C stops at once.
 
-    def __init__(self) -> None:
+    One message per stop: only the main process speaks (a launcher signals every process), and only for
+    the first signal.
+    """
+
+    def __init__(self, speak: bool = True) -> None:
         self.signum: int | None = None
+        self.speak = speak
         self._old: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signum = signum
-        logger.warning("received %s: saving a checkpoint after this step", signal.Signals(signum).name)
+        first, self.signum = self.signum is None, signum
+        if first and self.speak:
+            again = " (Ctrl-C again stops at once)" if signum == signal.SIGINT else ""
+            logger.warning(
+                "received %s: saving a checkpoint after this step%s", signal.Signals(signum).name, again
+            )
 
     def __enter__(self) -> StopRequest:
         with contextlib.suppress(ValueError):  # not the main thread: signals stay as they are
@@ -358,20 +369,28 @@ def train(
     conditioner: Conditioner | None = None,
     on_step: Callable[[int, StepResult], None] | None = None,
 ) -> int:
-    """Train (or resume) as ``config`` says; returns the exit code (0 done, 128 + signal when stopped)."""
+    """Train (or resume) as ``config`` says; returns the exit code (0 done, 128 + signal when stopped).
+
+    Values the config leaves to the model (``data.resolution``, ``model.max_sequence_length``) are resolved
+    first (``mmdit_flow.training.resolve``) and the image size checked against the model, before anything
+    is encoded; the resolved config is what is logged, saved and exported.
+    """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
-    cfg, out = config, Path(config.output.dir)
+    out = Path(config.output.dir)
     acc = Accelerator(
-        mixed_precision=cfg.precision.mixed_precision,
-        log_with=list(cfg.output.trackers) or None,
+        mixed_precision=config.precision.mixed_precision,
+        log_with=list(config.output.trackers) or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
-    if cfg.precision.allow_tf32 and torch.cuda.is_available():
+    if config.precision.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-    set_seed(cfg.seed)
+    set_seed(config.seed)
+    model = model if model is not None else build_model(config)
+    cfg, size = resolve_config(config, getattr(model, "config", None))
+    check_size(cfg, size)
     components = cfg.model.components or cfg.model.pretrained
     needs_encoders = not cfg.data.cache_dir or cfg.output.validation_every or cfg.output.save_final
     if conditioner is None and components and needs_encoders:
@@ -383,13 +402,13 @@ def train(
     if cfg.output.validation_every and (conditioner is None or not cfg.output.validation_prompts):
         raise ValueError("output.validation_every needs model.components and output.validation_prompts")
 
-    model = model if model is not None else build_model(cfg)
     model = model.float().train()
     model.attention_backend = cfg.model.attention_backend  # the config decides, for a given model too
     if cfg.lora.rank:
         from mmdit_flow.training.lora import add_lora
 
         model = add_lora(model, cfg.lora)
+    record = run_record(cfg, model)
     if cfg.model.compile:  # in place: parameters, state-dict keys, EMA and checkpoints are unchanged
         model.compile()
     ema = EMA(model, cfg.ema.decay) if cfg.ema.decay else None
@@ -400,6 +419,7 @@ def train(
     ckpt_root = out / "checkpoints"
     resume = latest_checkpoint(ckpt_root)
     if resume is not None:
+        check_resume(saved_record(resume), record, ckpt_root)  # before any state dict is read
         load_checkpoint(acc, resume, state=own_state(state, scheduler), ema=ema)
         logger.info("resumed from %s at step %d", resume, state.step)
     if acc.is_main_process:
@@ -422,18 +442,35 @@ def train(
             f"objective.caption_dropout names {sorted(unknown)}; the text encoders are {', '.join(encoders)} "
             "(or 'all' for each of them, 'joint' for all of them at once)"
         )
+    if acc.is_main_process:
+        what = _data_description(cfg, dataset)
+        unwrapped = acc.unwrap_model(model)
+        logger.info("%s", plan(cfg, unwrapped, data=what, processes=acc.num_processes, start_step=state.step))
     ctx = Context(
-        acc, model, optimizer, scheduler, cfg, state, text_layout, encoders, empty, conditioner, ema
+        acc, model, optimizer, scheduler, cfg, state, text_layout, encoders, empty, conditioner, ema, record
     )
     code = _loop(ctx, loader, bad, tqdm, on_step)
     acc.wait_for_everyone()
+    final = None
     if code == 0 and cfg.output.save_final and acc.is_main_process:
         unwrapped = acc.unwrap_model(model)
         with ema.applied(unwrapped) if ema else contextlib.nullcontext():
-            path = export_final(unwrapped, conditioner, cfg)
-        logger.info("saved the trained model to %s", path)
+            final = export_final(unwrapped, conditioner, cfg)
+    if code == 0 and acc.is_main_process:
+        logger.info("%s", wrote(cfg, final, latest_checkpoint(ckpt_root)))
     acc.end_training()
     return code
+
+
+def _data_description(config: TrainConfig, dataset: Any) -> str:
+    d = config.data
+    if isinstance(dataset, CachedDataset):
+        return f"{len(dataset)} cached images in {d.cache_dir}"
+    if d.path:
+        return f"{len(dataset)} images in {d.path}"
+    return (
+        f"streamed shards ({len(d.shards)} pattern{'s' if len(d.shards) > 1 else ''}: {', '.join(d.shards)})"
+    )
 
 
 def _loop(ctx: Context, loader: Any, bad: BadFiles, tqdm: Any, on_step: Any) -> int:
@@ -444,7 +481,7 @@ def _loop(ctx: Context, loader: Any, bad: BadFiles, tqdm: Any, on_step: Any) -> 
     )  # fmt: skip
     images_per_step = cfg.data.batch_size * acc.num_processes * cfg.optimizer.grad_accum
     batches = iter(loader)
-    with StopRequest() as stop:
+    with StopRequest(speak=acc.is_main_process) as stop:
         while state.step < cfg.schedule.max_steps:
             start = time.perf_counter()
             batch = next(batches)
@@ -485,7 +522,11 @@ def _loop(ctx: Context, loader: Any, bad: BadFiles, tqdm: Any, on_step: Any) -> 
                 logger.info("validation grid: %s", path)
             if flags[0] > 0:
                 bar.close()
-                return 128 + int(stop.signum or signal.SIGTERM)
+                signum = int(stop.signum or signal.SIGTERM)  # another process was signalled: SIGTERM
+                if acc.is_main_process:
+                    name = signal.Signals(signum).name
+                    logger.warning("%s", stopped(name, state.step, checkpoint_path(out_dir(cfg), state.step)))
+                return 128 + signum
     bar.close()
     if state.step % o.checkpoint_every:
         save(ctx)
@@ -506,4 +547,7 @@ def own_state(state: TrainState, scheduler: Any) -> dict[str, Any]:
 def save(ctx: Context) -> None:
     """A checkpoint of the current step (called on every process)."""
     keep, state = ctx.config.output.keep_checkpoints, own_state(ctx.state, ctx.scheduler)
-    save_checkpoint(ctx.accelerator, out_dir(ctx.config), ctx.state.step, keep=keep, state=state, ema=ctx.ema)
+    save_checkpoint(
+        ctx.accelerator, out_dir(ctx.config), ctx.state.step, keep=keep, state=state, ema=ctx.ema,
+        record=ctx.record,
+    )  # fmt: skip

@@ -1,0 +1,214 @@
+"""What a config leaves to the model, resolved once when a run starts; the image size checked against it.
+
+``data.resolution`` and ``model.max_sequence_length`` left unset (None) mean "the model's", taken from the
+first of:
+
+1. the cache the run trains from (``data.cache_dir`` with an ``index.json``): what it was built with;
+2. the ``model.pretrained`` folder's ``mmdit_flow.json`` defaults (height / width, max_sequence_length; see
+   ``mmdit_flow.pipelines.defaults``), so that a fine-tune trains as the model samples;
+3. the transformer's native size, its ``sample_size`` x the VAE scale (``model.components`` or
+   ``model.pretrained``; 8 without a VAE), and the T5 length the pipeline uses: 256 for SD3, 512 for
+   Flux, at most the T5 tokenizer's ``model_max_length``.
+
+``shipped:NAME`` folders become their paths. The resolved config is what the run logs, saves as
+``<output.dir>/config.yaml`` and exports.
+
+``check_size`` runs before any image is encoded: every training image side (``data.resolution``, the largest
+bucket, or the largest image of a cache) must fit the SD3 position table, at most
+``pos_embed_max_size x patch_size x VAE scale`` pixels, and be a multiple of ``patch_size x VAE scale``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mmdit_flow.training.config import ConfigError, TrainConfig, model_folder
+
+logger = logging.getLogger(__name__)
+
+SD3_VAE_SCALE = 8  # SD3's and Flux's VAEs; used when the run has no VAE to read it from
+T5_SLOT = {"sd3": "tokenizer_3", "flux": "tokenizer_2"}
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """The image sides (pixels) a transformer takes, with the VAE that maps images to its latents."""
+
+    native: int  # the side it is made for: sample_size x VAE scale
+    multiple: int  # every side is a multiple of this: patch_size x VAE scale
+    largest: int | None  # the position table's limit (SD3); None: no limit (Flux's rotary positions)
+    table: int | None  # pos_embed_max_size, patches
+    patch: int
+    vae_scale: int
+
+
+def model_size(model_config: Any, vae_scale: int) -> ModelSize:
+    """From our transformer config (``SD3Config`` / ``FluxConfig``) and the VAE scale."""
+    from mmdit_flow.pipelines.defaults import native_size
+
+    table = getattr(model_config, "pos_embed_max_size", None)
+    family = "sd3" if table is not None else "flux"
+    patch = int(getattr(model_config, "patch_size", 2))  # Flux packs 2x2 latent patches
+    native = native_size(family, {"sample_size": getattr(model_config, "sample_size", None)}, vae_scale)
+    largest = table * patch * vae_scale if table is not None else None
+    return ModelSize(native, patch * vae_scale, largest, table, patch, vae_scale)
+
+
+def transformer_config(config: TrainConfig) -> Any:
+    """The transformer's config without loading its weights where the files allow (a preset, a diffusers
+    folder); an original single file is loaded."""
+    from mmdit_flow.weights.io import read_json
+
+    m = config.model
+    if m.preset is not None:
+        from mmdit_flow.models.sd3 import SD3Config
+
+        fields = {f.name for f in dataclasses.fields(SD3Config)}
+        unknown = sorted(set(m.overrides) - fields)
+        if unknown:
+            raise ValueError(
+                f"model.overrides: unknown SD3Config fields {unknown}; valid: {', '.join(sorted(fields))}"
+            )
+        return dataclasses.replace(SD3Config.preset(m.preset), **m.overrides)
+    path = Path(model_folder(m.pretrained))
+    for folder in (path / "transformer", path):
+        if (folder / "config.json").is_file():
+            from mmdit_flow.weights.transformer import family
+
+            cfg = read_json(folder / "config.json")
+            fam = "flux" if cfg.get("_class_name") == "FluxTransformer2DModel" else "sd3"
+            return family(fam).config_from_diffusers(cfg)
+    from mmdit_flow.weights import load_transformer
+
+    return load_transformer(path, device="cpu").config
+
+
+def _vae_scale(components: str | None) -> int:
+    if components is None or not (Path(components) / "vae" / "config.json").is_file():
+        return SD3_VAE_SCALE
+    from mmdit_flow.pipelines.vae import vae_scale
+    from mmdit_flow.weights.io import read_json
+
+    return vae_scale(read_json(Path(components) / "vae" / "config.json"))
+
+
+def _t5_length(components: str | None, family: str) -> int:
+    """The T5 length the pipeline uses when a call leaves it unset (``mmdit_flow.pipelines.text``)."""
+    from mmdit_flow.pipelines.text import T5_MAX_LENGTH, FluxTextEncoder, SD3TextEncoder, sequence_length
+    from mmdit_flow.weights.io import read_json
+
+    default = (FluxTextEncoder if family == "flux" else SD3TextEncoder).default_max_sequence_length
+    limit = T5_MAX_LENGTH
+    if components is not None and (Path(components) / "model_index.json").is_file():
+        tokenizer = Path(components) / T5_SLOT[family] / "tokenizer_config.json"
+        if tokenizer.is_file():
+            given = read_json(tokenizer).get("model_max_length")
+            limit = min(limit, int(given)) if isinstance(given, (int, float)) else limit
+    return sequence_length(None, default, limit)
+
+
+def _cache_fingerprint(config: TrainConfig) -> tuple[dict[str, Any], Path | None]:
+    if not config.data.cache_dir:
+        return {}, None
+    index = Path(config.data.cache_dir) / "index.json"
+    if not index.is_file():
+        return {}, None
+    from mmdit_flow.weights.io import read_json
+
+    return read_json(index).get("fingerprint", {}), index
+
+
+def _folder_defaults(pretrained: str | None) -> Any:
+    if pretrained is None or not (Path(pretrained) / "model_index.json").is_file():
+        return None
+    from mmdit_flow.pipelines.defaults import read_defaults
+
+    return read_defaults(pretrained)
+
+
+def _square(height: int, width: int, step: int) -> int:
+    """One training side for a model whose default size is not square: a square of the same area."""
+    return height if height == width else max(step, round(math.sqrt(height * width) / step) * step)
+
+
+def resolve_config(config: TrainConfig, model_config: Any = None) -> tuple[TrainConfig, ModelSize]:
+    """The config with every "the model's" value filled in (module docstring), and the model's sizes.
+
+    ``model_config``: the transformer's config when the model is built already (else read from the files).
+    """
+    m, d = config.model, config.data
+    pretrained = model_folder(m.pretrained) if m.pretrained else None
+    components = model_folder(m.components, "model.components") if m.components else pretrained
+    model_config = model_config if model_config is not None else transformer_config(config)
+    size = model_size(model_config, _vae_scale(components))
+    family = "sd3" if size.table is not None else "flux"
+    cached, index = _cache_fingerprint(config)
+    defaults = _folder_defaults(pretrained)
+    resolution, length = d.resolution, m.max_sequence_length
+    if resolution is None:
+        if cached.get("resolution"):
+            resolution, source = int(cached["resolution"]), f"the cache {index}"
+        elif defaults is not None and defaults.recorded:
+            resolution = _square(defaults.height, defaults.width, d.bucket_step)
+            source = f"{pretrained}/mmdit_flow.json"
+        else:
+            resolution, source = size.native, "the transformer's native size (sample_size x VAE scale)"
+        logger.info("data.resolution: %d px, from %s", resolution, source)
+    if length is None:
+        if cached.get("max_sequence_length"):
+            length, source = int(cached["max_sequence_length"]), f"the cache {index}"
+        elif defaults is not None and defaults.max_sequence_length is not None:
+            length, source = defaults.max_sequence_length, f"{pretrained}/mmdit_flow.json"
+        else:
+            length, source = _t5_length(components, family), "the T5 tokenizer's default"
+        logger.info("model.max_sequence_length: %d T5 tokens, from %s", length, source)
+    model = dataclasses.replace(
+        m,
+        pretrained=pretrained,
+        components=model_folder(m.components, "model.components") if m.components else None,
+        max_sequence_length=length,
+    )
+    data = dataclasses.replace(d, resolution=resolution)
+    return dataclasses.replace(config, model=model, data=data), size
+
+
+def _sides(config: TrainConfig) -> tuple[int, str]:
+    """The largest image side the run trains at, in pixels, and what sets it (for the error)."""
+    from mmdit_flow.training.data import make_buckets
+
+    d = config.data
+    cached, index = _cache_fingerprint(config)
+    if index is not None:
+        from mmdit_flow.weights.io import read_json
+
+        records = read_json(index).get("records", [])
+        side = max((max(r["size"]) for r in records), default=d.resolution)
+        return side, f"the cache {index} holds images of up to {side} px (built with data.resolution)"
+    if d.buckets:
+        side = max(max(b) for b in make_buckets(d.resolution, d.bucket_step, d.max_aspect))
+        return side, f"data.resolution {d.resolution} with data.buckets gives buckets up to {side} px a side"
+    return d.resolution, f"data.resolution is {d.resolution} px"
+
+
+def check_size(config: TrainConfig, size: ModelSize) -> None:
+    """Raise a ``ConfigError`` naming ``data.resolution`` when the training images do not fit the model."""
+    side, what = _sides(config)
+    model = config.model.pretrained or f"preset {config.model.preset}"
+    if size.largest is not None and side > size.largest:
+        raise ConfigError(
+            f"{what}, but the model ({model}) takes images of at most {size.largest} px a side "
+            f"(position table {size.table} patches x patch {size.patch} x VAE scale {size.vae_scale}); "
+            f"it is made for {size.native} px. Set data.resolution to at most {size.largest}, "
+            "or leave it unset to train at the model's size"
+        )
+    if side % size.multiple:
+        raise ConfigError(
+            f"{what}, but this model needs image sides that are multiples of {size.multiple} px (patch "
+            f"{size.patch} x VAE scale {size.vae_scale}); set data.resolution (and data.bucket_step) to "
+            f"multiples of {size.multiple}, e.g. {size.native}"
+        )
