@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 
@@ -11,9 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from mmdit_flow.training.checkpoint import complete_checkpoints, latest_checkpoint
+from mmdit_flow.training.config import ConfigError
 from mmdit_flow.training.trainer import NonFiniteLossError, lr_factor, train
 from mmdit_flow.weights.io import CheckpointError
-from tests.train_helpers import make_cache, tiny_config, tiny_model
+from tests.train_helpers import TINY, make_cache, tiny_config, tiny_model
 
 
 def _run(config, stop_at=None, model_seed=0):
@@ -204,3 +206,107 @@ def test_lora_run_trains_only_adapters_and_exports(tmp_path):
     for name, value in final.state_dict().items():
         changed = not torch.equal(value, base[name])
         assert changed == (name.endswith(("attn.qkv.weight", "mlp.fc1.weight"))), name  # merged LoRA only
+
+
+# ------------------------------------------------------------------------------ what a run tells its user
+
+
+def _messages(caplog, level=logging.INFO):
+    return [r.getMessage() for r in caplog.records if r.levelno >= level and r.name.startswith("mmdit_flow")]
+
+
+def test_plan_before_the_first_step_and_where_it_wrote(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    cache, out = make_cache(tmp_path / "cache"), tmp_path / "run"
+    cfg = tiny_config(cache, out, optimizer={"grad_accum": 2}, ema={"decay": 0.0})
+    n = sum(p.numel() for p in tiny_model(0).parameters())
+    plans_at_first_step = []
+
+    def on_step(step, result):
+        if step == 1:
+            plans_at_first_step.extend(m for m in _messages(caplog) if m.startswith("training "))
+
+    assert train(cfg, model=tiny_model(0), on_step=on_step) == 0
+    assert plans_at_first_step == [
+        "training full training of preset sd3_medium from scratch\n"
+        f"  parameters  {n / 1e3:.2f}K trainable of {n / 1e3:.2f}K ({n} of {n})\n"
+        f"  data        12 cached images in {cache}, 64 px, 5 T5 tokens\n"
+        "  steps       4 (from step 0), 4 images a step (batch 2 x 1 process x 2 accumulation), "
+        "lr 0.001 cosine\n"
+        "  precision   fp32\n"
+        f"  writes      config in {out}/config.yaml; checkpoints every 2 steps in {out}/checkpoints"
+    ]
+    assert _messages(caplog)[-1] == (
+        f"done: config in {out}/config.yaml; last checkpoint {out}/checkpoints/step-00000004"
+    )
+
+
+def test_lora_plan_names_rank_targets_and_trainable_share(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    cfg = tiny_config(make_cache(tmp_path / "cache"), tmp_path / "run", lora={"rank": 4},
+                      schedule={"max_steps": 1, "warmup_steps": 0})  # fmt: skip
+    assert train(cfg, model=tiny_model(0)) == 0
+    (plan,) = [m for m in _messages(caplog) if m.startswith("training ")]
+    head, params = plan.splitlines()[:2]
+    assert head == "training LoRA rank 4 (alpha 4, on attn.qkv, attn.proj) of preset sd3_medium"
+    trainable, total = (int(x) for x in params.split("(")[1].rstrip(")").split(" of "))
+    # rank 4 on qkv (32 -> 96) and proj (32 -> 32) of both streams of 2 blocks, but the last block's text
+    # stream has no proj (SD3's context_pre_only)
+    qkv, proj = 4 * (32 + 96), 4 * (32 + 32)
+    assert trainable == 3 * (qkv + proj) + qkv
+    assert total == trainable + sum(p.numel() for p in tiny_model(0).parameters())
+
+
+def test_one_signal_one_message_and_how_to_resume(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "run"
+    cfg = tiny_config(make_cache(tmp_path / "cache"), out, output={"checkpoint_every": 100})
+
+    def twice(step, result):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)  # a launcher and a shell may both send one
+
+    assert train(cfg, model=tiny_model(0), on_step=twice) == 128 + signal.SIGTERM
+    warnings = _messages(caplog, logging.WARNING)
+    assert warnings == [
+        "received SIGTERM: saving a checkpoint after this step",
+        f"stopped by SIGTERM after step 1; checkpoint {out}/checkpoints/step-00000001. Run the same command "
+        f"again to resume from it (a run resumes from the newest checkpoint in {out}/checkpoints)",
+    ]
+
+
+def _full_then(tmp_path, second, first=None):
+    cache = make_cache(tmp_path / "cache")
+    short = {"max_steps": 2, "warmup_steps": 0}
+    assert train(tiny_config(cache, tmp_path / "run", schedule=short, **(first or {}))) == 0
+    with pytest.raises(ConfigError) as err:
+        train(tiny_config(cache, tmp_path / "run", schedule=short, **second))
+    return str(err.value)
+
+
+def test_resume_refuses_lora_on_full_checkpoints(tmp_path):
+    message = _full_then(tmp_path, {"lora": {"rank": 4}})
+    assert message == (
+        f"the checkpoints in {tmp_path}/run/checkpoints were written by full training of preset sd3_medium "
+        "from scratch; this config trains LoRA rank 4 (alpha 4, on attn.qkv, attn.proj) of preset "
+        "sd3_medium: "
+        f"use another output.dir, or remove the checkpoints in {tmp_path}/run/checkpoints to start over"
+    )
+
+
+def test_resume_refuses_full_on_lora_checkpoints_and_another_rank(tmp_path):
+    message = _full_then(tmp_path, {}, first={"lora": {"rank": 4}})
+    assert "were written by LoRA rank 4 (alpha 4, on attn.qkv, attn.proj) of preset sd3_medium; " in message
+    assert (
+        "this config trains full training of preset sd3_medium from scratch: use another output.dir"
+        in message
+    )
+    with pytest.raises(ConfigError, match="written by LoRA rank 4 .*; this config trains LoRA rank 8"):
+        train(tiny_config(tmp_path / "cache", tmp_path / "run", lora={"rank": 8}))
+
+
+def test_resume_refuses_another_model_shape(tmp_path):
+    message = _full_then(tmp_path, {"model": {"overrides": {**TINY, "depth": 3}}})
+    assert "written for a model with 76368 trainable parameters in" in message
+    assert "the model changed (model.preset, model.overrides or model.pretrained)" in message

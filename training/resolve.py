@@ -3,7 +3,8 @@
 ``data.resolution`` and ``model.max_sequence_length`` left unset (None) mean "the model's", taken from the
 first of:
 
-1. the cache the run trains from (``data.cache_dir`` with an ``index.json``): what it was built with;
+1. the cache the run trains from (``data.cache_dir`` with an ``index.json``): what it was built with (its
+   fingerprint's resolution; the length of its T5 embeddings);
 2. the ``model.pretrained`` folder's ``mmdit_flow.json`` defaults (height / width, max_sequence_length; see
    ``mmdit_flow.pipelines.defaults``), so that a fine-tune trains as the model samples;
 3. the transformer's native size, its ``sample_size`` x the VAE scale (``model.components`` or
@@ -123,6 +124,15 @@ def _cache_fingerprint(config: TrainConfig) -> tuple[dict[str, Any], Path | None
     return read_json(index).get("fingerprint", {}), index
 
 
+def _cached_t5_length(folder: Path) -> int | None:
+    """The T5 length of a cache's embeddings (its empty-prompt file), None when it has no T5 entry."""
+    from mmdit_flow.weights.io import read_safetensors_header
+
+    path = folder / "empty.safetensors"
+    entry = read_safetensors_header(path).get("t5.hidden") if path.is_file() else None
+    return int(entry["shape"][0]) if entry else None
+
+
 def _folder_defaults(pretrained: str | None) -> Any:
     if pretrained is None or not (Path(pretrained) / "model_index.json").is_file():
         return None
@@ -160,8 +170,8 @@ def resolve_config(config: TrainConfig, model_config: Any = None) -> tuple[Train
             resolution, source = size.native, "the transformer's native size (sample_size x VAE scale)"
         logger.info("data.resolution: %d px, from %s", resolution, source)
     if length is None:
-        if cached.get("max_sequence_length"):
-            length, source = int(cached["max_sequence_length"]), f"the cache {index}"
+        if index is not None and (cached_length := _cached_t5_length(index.parent)) is not None:
+            length, source = cached_length, f"the T5 embeddings of the cache {index.parent}"
         elif defaults is not None and defaults.max_sequence_length is not None:
             length, source = defaults.max_sequence_length, f"{pretrained}/mmdit_flow.json"
         else:
