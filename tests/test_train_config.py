@@ -120,6 +120,20 @@ def test_every_number_is_finite_and_in_range(override, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.resolution=0", "data.resolution must be a finite number > 0, got 0"),
+        ("model.max_sequence_length=-4", "model.max_sequence_length must be a finite number > 0, got -4"),
+    ],
+)
+def test_resolution_and_length_are_the_models_or_positive(override, message):
+    c = config_from_dict(apply_overrides(_base(), ["data.resolution=", "model.max_sequence_length=null"]))
+    assert (c.data.resolution, c.model.max_sequence_length) == (None, None)  # the model's, resolved later
+    with pytest.raises(ValueError, match=message):
+        config_from_dict(apply_overrides(_base(), [override]))
+
+
 def test_mode_scale_range_applies_to_the_mode_scheme():
     base = {**_base(), "objective": {"mode_scale": 2.0}}
     assert config_from_dict(base).objective.mode_scale == 2.0  # unused by logit_normal

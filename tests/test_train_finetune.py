@@ -144,3 +144,21 @@ def test_export_records_the_training_size_and_length(shapes, tmp_path):
     d = read_defaults(out / "final")
     assert (d.height, d.width, d.max_sequence_length, d.trained_sizes) == (128, 128, 16, (64, 128))
     assert d.vocabulary == read_defaults(SHIPPED).vocabulary  # the frozen text encoders' words
+
+
+def test_cache_command_uses_the_models_size_and_length(shapes, tmp_path):
+    import argparse
+
+    from mmdit_flow.training import cache
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model: {{pretrained: 'shipped:tiny-shapes'}}\ndata: {{path: '{shapes}'}}\n")
+    args = argparse.Namespace(config=str(path), overrides=[f"data.cache_dir={tmp_path / 'cache'}"],
+                              batch_size=4, shard_size=256, device="cpu", overwrite=False)  # fmt: skip
+    assert cache.run(args) == 0
+    fingerprint = json.loads((tmp_path / "cache" / "index.json").read_text())["fingerprint"]
+    assert (fingerprint["resolution"], fingerprint["max_sequence_length"]) == (64, 32)
+    cfg = config_from_dict({"model": {"pretrained": "shipped:tiny-shapes"},
+                            "data": {"cache_dir": str(tmp_path / "cache")}})  # fmt: skip
+    resolved, _ = resolve_config(cfg)
+    assert (resolved.data.resolution, resolved.model.max_sequence_length) == (64, 32)
