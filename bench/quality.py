@@ -1,7 +1,8 @@
 """Generation quality of a captioned-shapes model, measured by the classical evaluator.
 
 Images are generated from captions of the held-out split (every scene holds a colour-shape pair that never
-occurs in training) and scored by ``mmdit_flow.training.evaluator`` against their captions: the overall
+occurs in training) and scored by the recipe's evaluator
+(``mmdit_flow.training.recipes.tiny_shapes.evaluator``) against their captions: the overall
 attribute accuracy (share of all stated attributes that hold) and the share of images with every attribute
 right. Reported:
 
@@ -105,7 +106,7 @@ def row(result, **setting) -> dict:
 
 def main() -> None:
     from mmdit_flow.pipelines import TextToImagePipeline
-    from mmdit_flow.training import evaluator, shapes
+    from mmdit_flow.training.recipes.tiny_shapes import evaluator, shapes
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(

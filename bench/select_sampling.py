@@ -6,8 +6,9 @@ none of the held-out colour-shape pairs. So the settings chosen here can be ship
 on the held-out split by ``bench/quality.py`` without the held-out captions having chosen them.
 
 For every (shift, guidance) pair it generates the same captions with the same seeds, scores them with
-``mmdit_flow.training.evaluator``, and prints the overall attribute accuracy; then the best pair and its
-paired bootstrap difference to the reference pair (``--reference``, the shipped settings by default).
+``mmdit_flow.training.recipes.tiny_shapes.evaluator``, and prints the overall attribute accuracy; then the
+best pair and its paired bootstrap difference to the reference pair (``--reference``, the shipped settings by
+default).
 
     python bench/select_sampling.py                       # the shipped weights/tiny-shapes/
     python bench/select_sampling.py --model FOLDER --shifts 1,2,3 --guidances 2,4,7 --json out.json
@@ -32,7 +33,7 @@ def floats(text: str) -> list[float]:
 
 def main() -> None:
     from mmdit_flow.pipelines import TextToImagePipeline
-    from mmdit_flow.training import evaluator, shapes, ship
+    from mmdit_flow.training.recipes.tiny_shapes import evaluator, shapes, ship
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="diffusers SD3 folder (default: shipped tiny-shapes)")

@@ -3,7 +3,8 @@
 A small model's training step on a GPU should cost mostly launch overhead (expected, not yet measured: a
 batch-1 step of the tiny-shapes model takes 37 ms on this project's CPU), so one process would leave most of
 the device idle. So this runs every variant as its own training process at once (``python -m
-mmdit_flow.training`` with the variant's overrides on ``training/tiny_shapes.yaml``), on prepared data caches
+mmdit_flow.training`` with the variant's overrides on ``training/recipes/tiny_shapes/config.yaml``), on
+prepared data caches
 (one per training-set size), then ships each run with ``ship assemble`` and scores it with the classical
 evaluator on the validation captions (``bench/select_sampling.py``'s: training-split scenes just past the
 training data, which choose between variants) and on the held-out captions (reported, never used to choose).
@@ -36,6 +37,8 @@ from pathlib import Path
 import torch
 from quality import encode_with_empty, generate
 
+RECIPE = "mmdit_flow.training.recipes.tiny_shapes"  # python -m RECIPE prepare | assemble
+
 
 def run(cmd: list[str], cwd: Path, log: Path | None = None) -> None:
     out = open(log, "a") if log else None  # noqa: SIM115 - closed below
@@ -67,8 +70,8 @@ def overrides_of(text: str) -> dict[str, str]:
 
 def main() -> None:
     from mmdit_flow.pipelines import TextToImagePipeline
-    from mmdit_flow.training import evaluator, shapes, ship
     from mmdit_flow.training.config import load_config
+    from mmdit_flow.training.recipes.tiny_shapes import evaluator, shapes, ship
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="scratch folder (data, cache, runs, models)")
@@ -113,7 +116,7 @@ def main() -> None:
         root = work / f"d{size}"
         root.mkdir(exist_ok=True)
         if not (root / "runs/tiny-shapes/data/train/metadata.jsonl").is_file():
-            run([sys.executable, "-m", "mmdit_flow.training.ship", "prepare", "--components", str(components),
+            run([sys.executable, "-m", RECIPE, "prepare", "--components", str(components),
                  "--images", str(size)], root)  # fmt: skip
     log(f"data ready: {', '.join(map(str, sizes))} scenes")
     for size in sizes:
@@ -187,7 +190,7 @@ def main() -> None:
         folder = work / "models" / name
         try:
             latest = [] if entry["finished"] else ["--checkpoint", "latest"]
-            assemble = [sys.executable, "-m", "mmdit_flow.training.ship", "assemble", entry["run_dir"],
+            assemble = [sys.executable, "-m", RECIPE, "assemble", entry["run_dir"],
                         str(folder), "--components", str(components), "--shift", str(shift),
                         *latest]  # fmt: skip
             run(assemble, work, work / f"{name}.log")

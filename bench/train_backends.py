@@ -19,7 +19,7 @@ import torch
 from timing import interleaved
 
 from mmdit_flow.training.config import load_config
-from mmdit_flow.training.ship import CONFIG
+from mmdit_flow.training.recipes.tiny_shapes.ship import CONFIG
 from mmdit_flow.training.trainer import build_model
 
 VARIANTS = ("sdpa", "math", "reference")

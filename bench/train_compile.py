@@ -1,6 +1,7 @@
 """The training loop's speed with ``model.compile`` on and off: alternating runs of the same config.
 
-Run in a folder prepared for the tiny-shapes recipe (``python -m mmdit_flow.training.ship prepare`` and
+Run in a folder prepared for the tiny-shapes recipe
+(``python -m mmdit_flow.training.recipes.tiny_shapes prepare`` and
 ``mmdit-flow cache``, docs/quality.md), so that the loop is the real one (cached latents, caption dropout,
 AdamW, EMA, checkpoints). Each round trains ``--steps`` steps eager and compiled, from scratch, in the order
 bench/timing.py's protocol gives (reversed every other round); a run's sample is the median time between
@@ -22,7 +23,7 @@ import time
 from timing import Timings, round_order
 
 from mmdit_flow.training.config import TrainConfig, load_config
-from mmdit_flow.training.ship import CONFIG
+from mmdit_flow.training.recipes.tiny_shapes.ship import CONFIG
 from mmdit_flow.training.trainer import train
 
 

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from mmdit_flow.training import evaluator as E
-from mmdit_flow.training import shapes as S
+from mmdit_flow.training.recipes.tiny_shapes import evaluator as E
+from mmdit_flow.training.recipes.tiny_shapes import shapes as S
 
 
 @pytest.fixture(scope="module")

@@ -228,7 +228,7 @@ def test_an_empty_captions_file_is_extended(folder, tmp_path):
 
 def test_eval_scores_what_generate_wrote_with_the_shipped_model(tmp_path, capsys):
     """The demo model at 64x64 and 4 steps: `generate -o out/x.png` then `eval out/` end to end."""
-    from mmdit_flow.training.evaluator import evaluate
+    from mmdit_flow.training.recipes.tiny_shapes.evaluator import evaluate
 
     prompts = {"red.jpg": "a large red circle in the center", "blue.png": "a large blue square on the left"}
     for name, prompt in prompts.items():

@@ -185,7 +185,7 @@ def test_one_warning_names_the_unknown_words_and_one_the_untrained_size(folder, 
 def test_shipped_model_records_its_defaults_and_words():
     from mmdit_flow.pipelines.defaults import read_defaults
     from mmdit_flow.pipelines.loading import demo_folder
-    from mmdit_flow.training import shapes
+    from mmdit_flow.training.recipes.tiny_shapes import shapes
 
     d = read_defaults(demo_folder())
     assert (d.steps, d.guidance, d.height, d.width, d.max_sequence_length) == (28, 4.0, 64, 64, 32)

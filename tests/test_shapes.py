@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from mmdit_flow.training import shapes as S
+from mmdit_flow.training.recipes.tiny_shapes import shapes as S
 
 
 def _scene(*objects, background="gray", **kw):

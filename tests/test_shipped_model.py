@@ -17,7 +17,8 @@ PROMPTS = [
     "a large red circle on the left",
     "a small cyan square above a large orange triangle on a black background",
 ]
-T5_TOKENS = 32  # what the model was trained with (training/tiny_shapes.yaml), recorded in its tokenizers
+# what the model was trained with (training/recipes/tiny_shapes/config.yaml), recorded in its tokenizers
+T5_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,7 @@ MIN_ACCURACY = 0.9  # measured 1.0 (36 of 36 checks); session 1's weaker model s
 
 
 def test_simple_captions_pass_the_evaluator(pipe):
-    from mmdit_flow.training import evaluator
+    from mmdit_flow.training.recipes.tiny_shapes import evaluator
 
     images = pipe(SIMPLE, steps=28, guidance=4.0, seed=list(range(len(SIMPLE))), progress=False)
     result = evaluator.evaluate(images, SIMPLE)
@@ -102,7 +103,7 @@ def test_checkpoint_export_equals_the_final_export(tmp_path):
     from safetensors.torch import load_file
     from train_helpers import make_cache, tiny_config
 
-    from mmdit_flow.training import ship
+    from mmdit_flow.training.recipes.tiny_shapes import ship
     from mmdit_flow.training.trainer import train
     from mmdit_flow.weights import load_transformer
 
@@ -125,7 +126,7 @@ def test_checkpoint_export_equals_the_final_export(tmp_path):
 def test_scheduler_and_index(tmp_path):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from mmdit_flow.training import ship
+    from mmdit_flow.training.recipes.tiny_shapes import ship
 
     with pytest.raises(FileNotFoundError, match="lacks vae"):
         ship.write_model_index(tmp_path)
@@ -136,7 +137,7 @@ def test_scheduler_and_index(tmp_path):
 
 
 def test_prepare_writes_the_asked_share_of_two_object_scenes(tmp_path, capsys):
-    from mmdit_flow.training import shapes, ship
+    from mmdit_flow.training.recipes.tiny_shapes import shapes, ship
 
     ship.main(["prepare", "--root", str(tmp_path), "--components", str(FOLDER), "--images", "8",
                "--two-object-share", "0.75"])  # fmt: skip

@@ -1,4 +1,4 @@
-"""The T5 caption tagger (mmdit_flow.training.text_train) and the committed T5 it trained."""
+"""The T5 caption tagger (recipes.tiny_shapes.text_train) and the committed T5 it trained."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmdit_flow.training import shapes, text_train, tiny_shapes
+from mmdit_flow.training.recipes.tiny_shapes import components, shapes, text_train
 
 FOLDER = Path(__file__).resolve().parents[1] / "weights" / "tiny-shapes"
 
@@ -71,8 +71,8 @@ def test_token_tags_align_with_the_tokenizer(t5_tokenizer):
 
 def test_tagger_training_is_deterministic_and_learns(t5_tokenizer):
     cfg = text_train.T5TrainConfig(steps=40, captions=400, batch_size=32, lr=2e-3)
-    first, result = tiny_shapes.trained_t5_encoder(t5_tokenizer, 0, cfg)
-    second, _ = tiny_shapes.trained_t5_encoder(t5_tokenizer, 0, cfg)
+    first, result = components.trained_t5_encoder(t5_tokenizer, 0, cfg)
+    second, _ = components.trained_t5_encoder(t5_tokenizer, 0, cfg)
     a, b = first.state_dict(), second.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     # 40 steps from random (measured: loss 6.8 -> 2.28; size 0.87, shape 0.84 of the training tokens right,
@@ -111,7 +111,7 @@ def _place_probe(encoder: torch.nn.Module, tokenizer) -> float:
     train = [s for s in shapes.train_scenes(600, seed=5) if len(s.objects) == 2]
     test = [s for s in shapes.heldout_scenes(300, seed=5) if len(s.objects) == 2]
     (xa, ya), (xb, yb) = features(train), features(test)
-    return tiny_shapes.ridge_probe(xa, ya, xb, yb)
+    return components.ridge_probe(xa, ya, xb, yb)
 
 
 def test_committed_t5_tokens_say_where_their_object_is(t5_tokenizer):
@@ -119,8 +119,8 @@ def test_committed_t5_tokens_say_where_their_object_is(t5_tokenizer):
     committed (trained) T5 1.000; the random T5 it starts from 0.510 (chance among the four relation places
     0.25; its tokens are nearly context-free). Weights, captions and the probe are fixed, so only summation
     order moves these numbers; the bounds sit far from both."""
-    committed = tiny_shapes.load_text_stack(FOLDER).encoders[2]
-    random_t5 = tiny_shapes._t5_encoder(t5_tokenizer, tiny_shapes.T5, 2)
+    committed = components.load_text_stack(FOLDER).encoders[2]
+    random_t5 = components._t5_encoder(t5_tokenizer, components.T5, 2)
     trained_acc, random_acc = _place_probe(committed, t5_tokenizer), _place_probe(random_t5, t5_tokenizer)
     assert trained_acc > 0.99, trained_acc
     assert random_acc < 0.6, random_acc
@@ -133,8 +133,8 @@ def test_committed_t5_is_the_recipes_output(t5_tokenizer):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        built, _ = tiny_shapes.trained_t5_encoder(t5_tokenizer, 0)
+        built, _ = components.trained_t5_encoder(t5_tokenizer, 0)
     finally:
         torch.set_num_threads(threads)
-    committed = tiny_shapes.load_text_stack(FOLDER).encoders[2].state_dict()
+    committed = components.load_text_stack(FOLDER).encoders[2].state_dict()
     assert all(torch.equal(v, committed[k]) for k, v in built.state_dict().items())

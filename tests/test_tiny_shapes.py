@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmdit_flow.training import shapes, tiny_shapes, vae_train
+from mmdit_flow.training.recipes.tiny_shapes import components, shapes, vae_train
 
 FOLDER = Path(__file__).resolve().parents[1] / "weights" / "tiny-shapes"
 
@@ -33,7 +33,7 @@ def vae():
 
 @pytest.fixture(scope="module")
 def stack():
-    return tiny_shapes.load_text_stack(FOLDER)
+    return components.load_text_stack(FOLDER)
 
 
 # ----------------------------------------------------------------------------------------------- VAE
@@ -49,7 +49,7 @@ def test_vae_config_is_sd3_style(vae):
 
 
 def test_vae_reconstructs_heldout_scenes(vae):
-    from mmdit_flow.training import evaluator
+    from mmdit_flow.training.recipes.tiny_shapes import evaluator
 
     x = vae_train.shapes_batch(0, 64, split="heldout")
     recon = vae_train.reconstruct(vae, x)
@@ -115,11 +115,11 @@ def test_text_encoders_load_and_are_deterministic(stack):
         T5EncoderModel,
     ]
     captions = [shapes.caption(s) for s in shapes.heldout_scenes(3)]
-    a, b = tiny_shapes.text_features(stack, captions), tiny_shapes.text_features(stack, captions)
+    a, b = components.text_features(stack, captions), components.text_features(stack, captions)
     for name in ("pooled", "clip_tokens", "t5_tokens"):
         assert np.array_equal(getattr(a, name), getattr(b, name))
-    assert a.pooled.shape == (3, tiny_shapes.TRANSFORMER_TEXT_DIMS["pooled_projection_dim"])
-    assert a.t5_tokens.shape[-1] == tiny_shapes.TRANSFORMER_TEXT_DIMS["joint_attention_dim"]
+    assert a.pooled.shape == (3, components.TRANSFORMER_TEXT_DIMS["pooled_projection_dim"])
+    assert a.t5_tokens.shape[-1] == components.TRANSFORMER_TEXT_DIMS["joint_attention_dim"]
     assert not np.allclose(a.pooled[0], a.pooled[1])  # different captions, different features
 
 
@@ -127,8 +127,8 @@ def test_committed_clip_encoders_are_the_recipes_output(stack):
     """The committed CLIP weights are exactly what the recipe builds from the committed tokenizers and seed 0
     (the T5 is trained: tests/test_text_train.py)."""
     builders = (
-        lambda tok: tiny_shapes._clip_encoder(tok, tiny_shapes.CLIP_L, 0),
-        lambda tok: tiny_shapes._clip_encoder(tok, tiny_shapes.CLIP_G, 1),
+        lambda tok: components._clip_encoder(tok, components.CLIP_L, 0),
+        lambda tok: components._clip_encoder(tok, components.CLIP_G, 1),
     )
     for tok, committed, build in zip(stack.tokenizers[:2], stack.encoders[:2], builders, strict=True):
         first, second = build(tok).state_dict(), build(tok).state_dict()
@@ -150,10 +150,10 @@ def test_committed_tokenizers_cover_heldout_captions(stack):
 def test_committed_tokenizers_record_the_prompt_length(stack, tmp_path):
     """model_max_length 32 in all three (what the model was trained with), as the recipe writes it, and
     the longest captions of both splits fit in it with their special tokens."""
-    from mmdit_flow.training import tokenizers
+    from mmdit_flow.training.recipes.tiny_shapes import tokenizers
 
-    assert [tok.model_max_length for tok in stack.tokenizers] == [tiny_shapes.PROMPT_TOKENS] * 3
-    built = tokenizers.save_tokenizers(tmp_path, clip_length=tiny_shapes.PROMPT_TOKENS, t5_length=32)
+    assert [tok.model_max_length for tok in stack.tokenizers] == [components.PROMPT_TOKENS] * 3
+    built = tokenizers.save_tokenizers(tmp_path, clip_length=components.PROMPT_TOKENS, t5_length=32)
     folders = (built.clip_l, built.clip_g, built.t5)
     for name, folder in zip(("tokenizer", "tokenizer_2", "tokenizer_3"), folders, strict=True):
         for path in sorted(folder.iterdir()):
@@ -161,7 +161,7 @@ def test_committed_tokenizers_record_the_prompt_length(stack, tmp_path):
     scenes = shapes.heldout_scenes(300, seed=3) + shapes.train_scenes(300, seed=3)
     captions = [shapes.caption(s) for s in scenes]
     for tok in stack.tokenizers:
-        assert max(len(row) for row in tok(captions).input_ids) <= tiny_shapes.PROMPT_TOKENS
+        assert max(len(row) for row in tok(captions).input_ids) <= components.PROMPT_TOKENS
 
 
 # ----------------------------------------------------------------------------------------------- probe
@@ -171,18 +171,18 @@ def test_ridge_probe_separates_and_does_not_invent():
     rng = np.random.default_rng(0)
     labels = [str(k) for k in rng.integers(0, 3, 300)]
     signal = np.eye(3)[[int(k) for k in labels]] + 0.05 * rng.standard_normal((300, 3))
-    assert tiny_shapes.ridge_probe(signal[:200], labels[:200], signal[200:], labels[200:]) == 1.0
+    assert components.ridge_probe(signal[:200], labels[:200], signal[200:], labels[200:]) == 1.0
     noise = rng.standard_normal((300, 20))
-    acc = tiny_shapes.ridge_probe(noise[:200], labels[:200], noise[200:], labels[200:])
+    acc = components.ridge_probe(noise[:200], labels[:200], noise[200:], labels[200:])
     assert acc < 0.55  # chance is 1/3; 100 test items put 0.55 beyond four standard errors
 
 
 def test_caption_labels_and_bag_of_words():
     scene = shapes.scene_at(0, split="heldout")
-    labels = tiny_shapes.caption_labels(scene)
+    labels = components.caption_labels(scene)
     text = shapes.caption(scene)
     assert labels["color0"] in text and labels["shape0"] in text
-    bow = tiny_shapes.bag_of_words([text, "a a a"])
+    bow = components.bag_of_words([text, "a a a"])
     vocab = shapes.caption_vocabulary()
     assert bow[0].sum() == len(text.split())
     assert bow[1, vocab.index("a")] == 3 and bow[1].sum() == 3

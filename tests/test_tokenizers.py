@@ -4,8 +4,8 @@ import string
 
 import pytest
 
-from mmdit_flow.training import shapes as S
-from mmdit_flow.training import tokenizers as T
+from mmdit_flow.training.recipes.tiny_shapes import shapes as S
+from mmdit_flow.training.recipes.tiny_shapes import tokenizers as T
 
 
 @pytest.fixture(scope="module")

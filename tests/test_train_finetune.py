@@ -13,8 +13,8 @@ import yaml
 
 from mmdit_flow.training.cache import Conditioner
 from mmdit_flow.training.config import ConfigError, config_from_dict, example_configs, load_config
+from mmdit_flow.training.recipes.tiny_shapes.shapes import write_dataset
 from mmdit_flow.training.resolve import resolve_config
-from mmdit_flow.training.shapes import write_dataset
 from mmdit_flow.training.trainer import build_model, train
 
 SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "tiny-shapes"

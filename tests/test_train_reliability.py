@@ -73,7 +73,7 @@ def test_resume_runs_no_planted_pickle(tmp_path, name, message):
 
 
 def test_ship_refuses_pickled_state(tmp_path):
-    from mmdit_flow.training import ship
+    from mmdit_flow.training.recipes.tiny_shapes import ship
 
     cfg, folder = _two_step_run(tmp_path)
     ran = tmp_path / "ran"

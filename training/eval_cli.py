@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from mmdit_flow.pipelines.generate_cli import read_metadata
-    from mmdit_flow.training.evaluator import ATTRIBUTES, evaluate
+    from mmdit_flow.training.recipes.tiny_shapes.evaluator import ATTRIBUTES, evaluate
 
     captions_path = args.captions or args.image_dir / "metadata.jsonl"
     if not captions_path.is_file():

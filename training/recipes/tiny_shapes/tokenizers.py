@@ -32,7 +32,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmdit_flow.training import shapes
+from mmdit_flow.training.recipes.tiny_shapes import shapes
 
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 CLIP_MAX_LENGTH = 77  # model_max_length of the CLIP tokenizers in SD3 / Flux checkpoints

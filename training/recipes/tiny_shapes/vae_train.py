@@ -18,8 +18,8 @@ It trains on whole 64x64 images (``crop = 64``). Smaller random crops are four t
 but GroupNorm normalises with whole-image statistics, so a crop-trained network sees different statistics
 at use; a run on 32x32 crops (4 groups, lr 3e-3, 800 steps) gave desaturated objects, 19 dB and 4 % colour
 accuracy. The middle block has no attention (cheaper; nothing here needs global mixing). Data come from
-:mod:`mmdit_flow.training.shapes` on the fly, training split only; every draw (scenes, crops, posterior
-noise) comes from the seed, so a run is reproducible.
+:mod:`mmdit_flow.training.recipes.tiny_shapes.shapes` on the fly, training split only; every draw (scenes,
+crops, posterior noise) comes from the seed, so a run is reproducible.
 
 After training, SD3's recipe fixes the normalisation from the latents' statistics:
 ``shift = mean(z)`` and ``scale = 1 / std(z)`` over posterior means of training images.
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from mmdit_flow.training import shapes
+from mmdit_flow.training.recipes.tiny_shapes import shapes
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL

@@ -1,18 +1,18 @@
 """The tiny-shapes demo model's components, in the formats real SD3 checkpoints use.
 
-Everything is built offline from :mod:`mmdit_flow.training.shapes` and a seed, into the diffusers SD3
-layout that ``weights/tiny-shapes/`` ships:
+Everything is built offline from :mod:`~mmdit_flow.training.recipes.tiny_shapes.shapes` and a seed, into the
+diffusers SD3 layout that ``weights/tiny-shapes/`` ships:
 
 * ``tokenizer/``, ``tokenizer_2/``, ``tokenizer_3/``: CLIP BPE (x2) and T5 sentencepiece tokenizers trained
-  on the caption corpus (:mod:`mmdit_flow.training.tokenizers`).
+  on the caption corpus (:mod:`~mmdit_flow.training.recipes.tiny_shapes.tokenizers`).
 * ``text_encoder/``, ``text_encoder_2/``: tiny ``CLIPTextModelWithProjection`` in CLIP-L's and CLIP-G's
   shape (quick-GELU vs GELU, G twice as wide as L), **frozen random**; ``text_encoder_3/``: a tiny
   ``T5EncoderModel`` in T5 v1.1's shape (gated GELU, relative attention), **trained** on the caption corpus
-  as a tagger (:mod:`mmdit_flow.training.text_train`: every token learns which object it describes, what
-  that object is and where), because a random T5's token outputs are context-free and the transformer
-  sees the text tokens as a set (docs/tiny-shapes.md and docs/quality.md have the measurements).
+  as a tagger (:mod:`~mmdit_flow.training.recipes.tiny_shapes.text_train`: every token learns which object it
+  describes, what that object is and where), because a random T5's token outputs are context-free and the
+  transformer sees the text tokens as a set (docs/tiny-shapes.md and docs/quality.md have the measurements).
 * ``vae/``: a tiny ``AutoencoderKL`` with 16 latent channels and downsampling factor 4, trained by
-  :mod:`mmdit_flow.training.vae_train`.
+  :mod:`~mmdit_flow.training.recipes.tiny_shapes.vae_train`.
 
 The widths respect SD3's prompt layout: the two CLIPs' hidden states are concatenated (64 + 128 = 192) and
 zero-padded to the T5 width (256), and the pooled vector is 64 + 128 = 192 wide, so the transformer needs
@@ -20,7 +20,10 @@ zero-padded to the T5 width (256), and the pooled vector is 64 + 128 = 192 wide,
 
 One command builds it all (about 15 minutes on one thread, most of it the T5 tagger and the VAE)::
 
-    python -m mmdit_flow.training.tiny_shapes components weights/tiny-shapes
+    python -m mmdit_flow.training.recipes.tiny_shapes components weights/tiny-shapes
+
+A finished model folder is read back through the pipeline's loader (:func:`load_text_stack`), with its
+slot-class limits and strict key checks.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmdit_flow.training import shapes, text_train, tokenizers, vae_train
+from mmdit_flow.training.recipes.tiny_shapes import shapes, text_train, tokenizers, vae_train
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +123,7 @@ def trained_t5_encoder(
     tokenizer: Any, seed: int = 0, cfg: text_train.T5TrainConfig | None = None
 ) -> tuple[torch.nn.Module, text_train.TaggerResult]:
     """The recipe's T5: random from ``seed + 2``, then trained as a caption tagger (``cfg``, seeded with
-    ``seed``; :mod:`mmdit_flow.training.text_train`)."""
+    ``seed``; :mod:`mmdit_flow.training.recipes.tiny_shapes.text_train`)."""
     cfg = cfg or text_train.T5TrainConfig(seed=seed)
     model = _t5_encoder(tokenizer, T5, seed + 2)
     return model, text_train.train_t5_tagger(model, tokenizer, cfg)
@@ -134,7 +137,8 @@ def build_text_encoders(
     The CLIP encoders are random from ``seed`` and ``seed + 1``; the T5 is :func:`trained_t5_encoder`'s
     (``t5`` overrides its training config), so the folder is the same for the same seed on a machine
     with the same thread count. Returns the folder of each component by its SD3 name, and under ``"t5"``
-    what the tagger's training measured (:class:`~mmdit_flow.training.text_train.TaggerResult`).
+    what the tagger's training measured
+    (:class:`~mmdit_flow.training.recipes.tiny_shapes.text_train.TaggerResult`).
     """
     from transformers import CLIPTokenizer, T5TokenizerFast
 
@@ -308,7 +312,7 @@ def evaluate_vae(vae: Any, n: int = 256, seed: int = 0) -> dict:
     """Reconstruct ``n`` held-out scenes through the posterior mean: PSNR (uint8 images, dB), the
     evaluator's accuracy on the reconstructions against their captions, and latent statistics after the
     config's normalisation (mean ~ 0 and std ~ 1 when shift / scale fit)."""
-    from mmdit_flow.training import evaluator
+    from mmdit_flow.training.recipes.tiny_shapes import evaluator
 
     x = vae_train.shapes_batch(0, n, seed=seed, split="heldout")
     recon = vae_train.reconstruct(vae, x)
@@ -338,8 +342,9 @@ def train_vae(
 ) -> dict:
     """Build, train and evaluate the tiny VAE and save it to ``out_dir/vae`` (diffusers, safetensors).
 
-    ``arch`` defaults to :class:`~mmdit_flow.training.vae_train.VAEArch`; ``train_kw`` overrides fields of
-    :class:`~mmdit_flow.training.vae_train.VAETrainConfig` (batch_size, lr, ...).
+    ``arch`` defaults to :class:`~mmdit_flow.training.recipes.tiny_shapes.vae_train.VAEArch`; ``train_kw``
+    overrides fields of
+    :class:`~mmdit_flow.training.recipes.tiny_shapes.vae_train.VAETrainConfig` (batch_size, lr, ...).
     Returns the training metrics merged with :func:`evaluate_vae`'s.
     """
     cfg = vae_train.VAETrainConfig(steps=steps, seed=seed, **train_kw)
@@ -372,7 +377,7 @@ def build_components(
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m mmdit_flow.training.tiny_shapes",
+        prog="python -m mmdit_flow.training.recipes.tiny_shapes",
         description="Build the tiny-shapes tokenizers, text encoders and VAE in the diffusers SD3 layout.",
     )
     sub = parser.add_subparsers(dest="command", required=True)

@@ -2,15 +2,16 @@
 
 The recipe (docs/quality.md has the wall times), run from a scratch folder::
 
-    python -m mmdit_flow.training.tiny_shapes components weights/tiny-shapes      # tokenizers, encoders, VAE
-    python -m mmdit_flow.training.ship prepare --components weights/tiny-shapes   # data + staging folder
+    python -m mmdit_flow.training.recipes.tiny_shapes components weights/tiny-shapes   # encoders, VAE
+    python -m mmdit_flow.training.recipes.tiny_shapes prepare --components weights/tiny-shapes  # data
     mmdit-flow cache TINY_SHAPES_YAML                                             # latents + text embeddings
     accelerate launch --num_processes 1 --cpu -m mmdit_flow.training TINY_SHAPES_YAML
-    python -m mmdit_flow.training.ship assemble runs/tiny-shapes/train weights/tiny-shapes
+    python -m mmdit_flow.training.recipes.tiny_shapes assemble runs/tiny-shapes/train weights/tiny-shapes
 
-where ``TINY_SHAPES_YAML`` is ``training/tiny_shapes.yaml`` (``python -m mmdit_flow.training.ship config``
-prints its installed path). ``prepare`` writes the training split of :mod:`mmdit_flow.training.shapes` as an
-image folder and a *staging* pipeline folder: the components (VAE, text encoders, tokenizers) plus a random
+where ``TINY_SHAPES_YAML`` is ``training/recipes/tiny_shapes/config.yaml``
+(``python -m mmdit_flow.training.recipes.tiny_shapes config`` prints its installed path). ``prepare`` writes
+the training split of :mod:`mmdit_flow.training.recipes.tiny_shapes.shapes` as an image folder and a
+*staging* pipeline folder: the components (VAE, text encoders, tokenizers) plus a random
 transformer of the config's shape, which is what ``mmdit-flow cache`` loads its encoders from.
 ``assemble`` copies the trained transformer (``<run>/final/transformer``, or the newest checkpoint with
 ``--checkpoint``) next to the components, writes the scheduler (``FlowMatchEulerDiscreteScheduler`` with
@@ -30,10 +31,10 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 # Sampling shift of the shipped scheduler: t <- shift t / (1 + (shift - 1) t), the shift the model trains
-# with (training/tiny_shapes.yaml; why 3: docs/quality.md). Sampling at another shift was not measurably
-# better on the validation captions (bench/select_sampling.py).
+# with (training/recipes/tiny_shapes/config.yaml; why 3: docs/quality.md). Sampling at another shift was not
+# measurably # better on the validation captions (bench/select_sampling.py).
 SHIFT = 3.0
-CONFIG = Path(__file__).with_name("tiny_shapes.yaml")
+CONFIG = Path(__file__).with_name("config.yaml")
 TRAIN_IMAGES = 10_000
 # Share of two-object scenes in the training images (None: the generator's own even odds, 44 % after the
 # training split drops held-out pairs). 0.3 and 0.75 were measured worse at 5000 steps (docs/quality.md).
@@ -83,7 +84,7 @@ def write_model_index(folder: str | Path) -> Path:
     if missing:
         raise FileNotFoundError(
             f"{folder} lacks {', '.join(missing)}; build the components first "
-            "(python -m mmdit_flow.training.tiny_shapes components ...) and the transformer"
+            "(python -m mmdit_flow.training.recipes.tiny_shapes components ...) and the transformer"
         )
     index = {"_class_name": MODEL_INDEX["_class_name"], "_diffusers_version": diffusers.__version__}
     index.update({k: v for k, v in MODEL_INDEX.items() if k != "_class_name"})
@@ -203,8 +204,8 @@ def prepare(
     ``two_object_share`` sets the share of two-object scenes (see :func:`shapes.sample_scenes`). An
     existing image folder is kept as it is.
     """
-    from mmdit_flow.training import shapes
     from mmdit_flow.training.config import load_config
+    from mmdit_flow.training.recipes.tiny_shapes import shapes
 
     root = Path(root)
     data = root / "data" / "train"
@@ -229,7 +230,8 @@ def _share(text: str) -> float | None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m mmdit_flow.training.ship", description="Build and ship the tiny-shapes demo model."
+        prog="python -m mmdit_flow.training.recipes.tiny_shapes",
+        description="Build and ship the tiny-shapes demo model.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("config", help="print the path of the recipe's training config")

@@ -2,7 +2,8 @@
 
 Two halves:
 
-* :func:`parse_caption` inverts the grammar of :mod:`mmdit_flow.training.shapes` into a :class:`Claim`
+* :func:`parse_caption` inverts the grammar of :mod:`mmdit_flow.training.recipes.tiny_shapes.shapes` into a
+  :class:`Claim`
   (objects with shape, colour and size; a position or a relation; maybe a background).
 * :func:`analyze` finds the objects in an image: the background colour is the median of the image border;
   pixels far from it in RGB are foreground; each connected component (``scipy.ndimage.label``) is one object,
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mmdit_flow.training import shapes
+from mmdit_flow.training.recipes.tiny_shapes import shapes
 
 ATTRIBUTES = ("count", "shape", "color", "size", "position", "relation", "background")
 

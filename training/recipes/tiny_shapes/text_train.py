@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from mmdit_flow.training import shapes
+from mmdit_flow.training.recipes.tiny_shapes import shapes
 
 # Tag name -> class names. Tokens outside an object's phrase (relation words, "and", the background phrase)
 # have only the ``object`` and ``word`` tags; padding and the end-of-sequence token have none. ``word`` is
