@@ -36,28 +36,56 @@ FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
 METADATA = "metadata.jsonl"  # what `mmdit-flow eval` reads (training/eval_cli.py), through read_metadata
 
 
+DEMO_FOLDER = "tiny-shapes"  # pipelines.loading.DEMO_FOLDER, which imports torch (tested equal)
+
+
+def demo_defaults() -> dict[str, Any]:
+    """The demo model's recorded defaults (its mmdit_flow.json), read without torch for --help; {} if
+    the file is missing or unreadable."""
+    import mmdit_flow.weights
+    from mmdit_flow.pipelines.defaults import FILE
+
+    path = Path(mmdit_flow.weights.__file__).parent / DEMO_FOLDER / FILE
+    try:
+        defaults = json.loads(path.read_text(encoding="utf-8")).get("defaults", {})
+    except (OSError, ValueError, AttributeError):  # --help must work whatever the file holds
+        return {}
+    return defaults if isinstance(defaults, dict) else {}
+
+
+def _default(demo: dict[str, Any], key: str) -> str:
+    """ "default: the model's; the demo model: 28", or only the first part where the demo has no value."""
+    if key not in demo:
+        return "default: the model's"
+    return f"default: the model's; the demo model: {demo[key]}"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    demo = demo_defaults()
     parser.add_argument("prompt", help="the text prompt")
     parser.add_argument("--model", default=None, help="diffusers SD3 / Flux folder (default: the demo model)")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    parser.add_argument("--steps", type=int, default=None, help=f"sampling steps ({_default(demo, 'steps')})")
     parser.add_argument(
         "--guidance",
         type=float,
         default=None,
-        help="guidance scale, SD3: CFG, Flux dev: distilled (default: the model's)",
+        help=f"guidance scale, SD3: CFG, Flux dev: distilled ({_default(demo, 'guidance')})",
     )
     parser.add_argument("--seed", type=int, default=None, help="random seed (same seed, same image)")
     parser.add_argument(
-        "--height", type=int, default=None, help="image height in pixels (default: the model's native size)"
+        "--height", type=int, default=None, help=f"image height in pixels ({_default(demo, 'height')})"
     )
     parser.add_argument(
-        "--width", type=int, default=None, help="image width in pixels (default: the model's native size)"
+        "--width", type=int, default=None, help=f"image width in pixels ({_default(demo, 'width')})"
     )
     parser.add_argument("--negative", default=None, help="negative prompt")
     parser.add_argument("--num-images", type=int, default=1, help="images to generate (default 1)")
     parser.add_argument("--sampler", default="euler", help="euler | midpoint | heun | rk4")
     parser.add_argument(
-        "--max-sequence-length", type=int, default=None, help="T5 tokens (default: the model's)"
+        "--max-sequence-length",
+        type=int,
+        default=None,
+        help=f"T5 tokens ({_default(demo, 'max_sequence_length')})",
     )
     parser.add_argument(
         "-o",

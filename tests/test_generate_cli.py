@@ -251,3 +251,17 @@ def test_help_lists_generate():
         check=True,
     )
     assert "--num-images" in result.stdout and "--negative" in result.stdout
+
+
+def test_help_quotes_the_demo_models_recorded_defaults(capsys):
+    from mmdit_flow.pipelines import generate_cli, loading
+    from mmdit_flow.pipelines.defaults import FILE
+
+    assert generate_cli.DEMO_FOLDER == loading.DEMO_FOLDER
+    recorded = json.loads((loading.demo_folder() / FILE).read_text())["defaults"]
+    assert generate_cli.demo_defaults() == recorded
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for option, key in [("--steps", "steps"), ("--guidance", "guidance"), ("--height", "height")]:
+        assert f"{option} " in help_text and f"the demo model: {recorded[key]})" in help_text, key
