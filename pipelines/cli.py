@@ -16,6 +16,7 @@ COMMANDS = {
     "generate": "mmdit_flow.pipelines.generate_cli",
     "train": "mmdit_flow.training.cli",
     "cache": "mmdit_flow.training.cache",
+    "couplings": "mmdit_flow.training.couplings",
     "convert": "mmdit_flow.weights.cli",
     "lab": "mmdit_flow.training.lab.cli",
     "eval": "mmdit_flow.training.eval_cli",

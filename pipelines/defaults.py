@@ -5,13 +5,15 @@ A pipeline folder may hold ``mmdit_flow.json`` beside ``model_index.json`` (diff
     {
       "defaults": {"steps": 28, "guidance": 4.0, "height": 64, "width": 64, "max_sequence_length": 32},
       "trained_sizes": [64, 64],         # smallest and largest image side (px) the model was trained at
-      "vocabulary": ["a", "above", ...]  # every word its text encoders were trained on
+      "vocabulary": ["a", "above", ...], # every word its text encoders were trained on
+      "distilled_steps": [4]             # a few-step student: the step counts it was distilled for
     }
 
 Every key is optional. What the file leaves out comes from diffusers' defaults: 28 steps, guidance 7 (SD3) /
 3.5 (Flux), the transformer's native size (SD3: its config's ``sample_size`` x the VAE scale; Flux: 1024 px)
 and the T5 tokenizer's own ``max_sequence_length``. Without ``trained_sizes`` no size warning is given,
-without ``vocabulary`` no word warning. ``pipe.defaults`` holds the resolved values.
+without ``vocabulary`` no word warning, without ``distilled_steps`` no step-count warning.
+``pipe.defaults`` holds the resolved values.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ FAMILY_GUIDANCE = {"sd3": 7.0, "flux": 3.5}  # diffusers' defaults
 DEFAULT_STEPS = 28
 FLUX_NATIVE_LATENT = 128  # latent side of a Flux image at its native 1024 px
 DEFAULT_KEYS = ("steps", "guidance", "height", "width", "max_sequence_length")
-TOP_KEYS = ("defaults", "trained_sizes", "vocabulary")
+TOP_KEYS = ("defaults", "trained_sizes", "vocabulary", "distilled_steps")
 WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")  # letters and digits, with inner apostrophes ("don't")
 
 
@@ -42,6 +44,7 @@ class ModelDefaults:
     max_sequence_length: int | None  # None: the T5 tokenizer's own length
     trained_sizes: tuple[int, int] | None = None  # (smallest, largest) image side in training, pixels
     vocabulary: frozenset[str] | None = None  # lower-case words the text encoders know; None: any
+    distilled_steps: tuple[int, ...] | None = None  # a few-step student's step counts; None: any
     recorded: bool = False  # read from mmdit_flow.json (save_pretrained writes it back)
 
     @classmethod
@@ -64,6 +67,7 @@ class ModelDefaults:
             else _integer(length, "defaults.max_sequence_length", source),
             trained_sizes=_trained_sizes(data.get("trained_sizes"), source),
             vocabulary=_vocabulary(data.get("vocabulary"), source),
+            distilled_steps=_distilled_steps(data.get("distilled_steps"), source),
             recorded=bool(data),
         )
 
@@ -76,6 +80,8 @@ class ModelDefaults:
             data["trained_sizes"] = list(self.trained_sizes)
         if self.vocabulary is not None:
             data["vocabulary"] = sorted(self.vocabulary)
+        if self.distilled_steps is not None:
+            data["distilled_steps"] = list(self.distilled_steps)
         return data
 
     def unknown_words(self, prompts: list[str]) -> list[str]:
@@ -156,6 +162,14 @@ def _trained_sizes(value: Any, source: str) -> tuple[int, int] | None:
     if low > high:
         raise ValueError(f"{source}: trained_sizes is [smallest, largest]; got {value}")
     return low, high
+
+
+def _distilled_steps(value: Any, source: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{source}: 'distilled_steps' must be a non-empty list of step counts, e.g. [4]")
+    return tuple(_integer(v, f"distilled_steps[{i}]", source) for i, v in enumerate(value))
 
 
 def _vocabulary(value: Any, source: str) -> frozenset[str] | None:

@@ -224,8 +224,17 @@ class TextToImagePipeline:
         )
         return timesteps(steps, mu=mu, grid="linear" if self.family == "flux" else "scheduler")
 
-    def _warn_outside_training(self, prompts: list[str], height: int, width: int) -> None:
-        """One warning for the words of a call the model never saw, one for a size it was not trained at."""
+    def _warn_outside_training(self, prompts: list[str], height: int, width: int, steps: int) -> None:
+        """One warning for the words of a call the model never saw, one for a size it was not trained at,
+        one for a step count that a few-step student was not distilled for."""
+        made_for = self.defaults.distilled_steps
+        if made_for is not None and steps not in made_for:
+            warnings.warn(
+                f"this model was distilled to sample in {' or '.join(map(str, made_for))} steps; {steps} "
+                f"steps may give worse images (pass steps={made_for[0]}, the default)",
+                UserWarning,
+                stacklevel=3,
+            )
         unknown = self.defaults.unknown_words(prompts)
         if unknown:
             warnings.warn(
@@ -341,7 +350,7 @@ class TextToImagePipeline:
             callback=callback,
         )
         steps, num_images, height, width = args.steps, args.num_images, args.height, args.width
-        self._warn_outside_training(args.prompts + [n for n in args.negatives if n], height, width)
+        self._warn_outside_training(args.prompts + [n for n in args.negatives if n], height, width, steps)
         h, w = height // scale, width // scale
         n = args.batch * num_images
         if latents is not None:

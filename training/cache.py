@@ -187,11 +187,9 @@ def _flatten(parts: TextParts, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
+    from mmdit_flow.weights.io import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    save_file(tensors, path)
 
 
 def build_cache(
@@ -276,15 +274,19 @@ def build_cache(
         ],
         "bad_files": bad.paths,
     }
-    tmp = out / (INDEX + ".tmp")
-    tmp.write_text(json.dumps(index))
-    os.replace(tmp, out / INDEX)
+    from mmdit_flow.weights.io import write_json
+
+    write_json(index, out / INDEX)
     logger.info("cached %d images in %s (%s)", len(kept), out, bad.summary())
     return out
 
 
 class CachedDataset:
-    """Map-style dataset over a cache folder, fetched by ``SampleKey`` like ``ImageFolderDataset``."""
+    """Map-style dataset over a cache folder, fetched by ``SampleKey`` like ``ImageFolderDataset``.
+
+    A couplings folder (``mmdit_flow.training.couplings``) is a cache whose samples also hold their
+    ``noise``; its shards are checked when it is opened (``couplings.check_shards``).
+    """
 
     def __init__(self, folder: str | Path):
         from safetensors.torch import load_file
@@ -296,6 +298,11 @@ class CachedDataset:
             )
         index = json.loads((self.folder / INDEX).read_text())
         self.layout, self.encoders, self.records = index["layout"], index["encoders"], index["records"]
+        self.couplings = index.get("couplings")  # the teacher's settings, for a couplings folder
+        if self.couplings is not None:
+            from mmdit_flow.training.couplings import check_shards
+
+            check_shards(self.folder, index)
         self.groups = [tuple(r["size"]) for r in self.records]
         flat = load_file(str(self.folder / EMPTY))
         self.empty = _unflatten(flat, add_batch=True)
@@ -318,8 +325,11 @@ class CachedDataset:
             for name in self.encoders
         }
         latents = self._get(rec["shard"], f"{rec['key']}.latents")
-        return {"latents": latents, "text": text, "caption": rec["caption"], "index": key.index,
+        item = {"latents": latents, "text": text, "caption": rec["caption"], "index": key.index,
                 "seed": key.seed, "bad": []}  # fmt: skip
+        if self.couplings is not None:
+            item["noise"] = self._get(rec["shard"], f"{rec['key']}.noise")
+        return item
 
     def _kinds(self, name: str) -> list[str]:
         return list(self.empty[name])

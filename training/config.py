@@ -27,6 +27,8 @@ Weighting = Literal["none", "cosmap", "sigma_sqrt"]  # mmdit_flow.flow.WEIGHTING
 AttentionBackend = Literal["sdpa", "math", "xformers", "reference"]  # mmdit_flow.attention.BACKENDS
 LRSchedule = Literal["constant", "linear", "cosine"]  # what trainer.lr_factor computes
 MixedPrecision = Literal["no", "bf16", "fp16"]  # a subset of accelerate's PrecisionType
+ObjectiveKind = Literal["flow", "reflow", "guidance", "progressive"]  # what trainer.micro_loss computes
+DISTILLATION = ("guidance", "progressive")  # the kinds that learn from a teacher model
 TRACKERS = (
     "tensorboard",
     "wandb",
@@ -80,6 +82,13 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
+    # flow: flow matching on data; reflow: on a couplings folder (data.cache_dir, `mmdit-flow couplings`),
+    # with its noise; guidance / progressive: distil `teacher` (docs/training.md, "Few-step students")
+    kind: ObjectiveKind = "flow"
+    teacher: str | None = None  # guidance / progressive: the teacher's diffusers folder (or shipped:NAME)
+    teacher_guidance: float = 1.0  # CFG scale of the teacher's target velocity (1: none)
+    student_steps: int = 0  # progressive: the student's steps (the teacher takes two per step); reflow:
+    # > 0 trains only at the times of that many-step sampling grid (distillation of the couplings)
     scheme: Scheme = "logit_normal"
     shift: float = 1.0  # t <- shift t / (1 + (shift - 1) t); SD3 trains with 3.0
     weighting: Weighting = "none"
@@ -323,10 +332,43 @@ def validate(c: TrainConfig) -> None:
         )
     for name, p in o.caption_dropout.items():
         _number(f"objective.caption_dropout.{name}", p, 0.0, 1.0)
+    _check_objective(o)
     for t in c.output.trackers:
         if t not in TRACKERS:
             raise ValueError(f"output.trackers: unknown tracker {t!r}; choose from {', '.join(TRACKERS)}")
     _finite_everywhere(c, "")
+
+
+def _check_objective(o: ObjectiveConfig) -> None:
+    """The keys each objective kind needs, and none that it would silently ignore."""
+    _positive("objective.teacher_guidance", o.teacher_guidance, zero_ok=True)
+    _positive("objective.student_steps", o.student_steps, zero_ok=True)
+    if o.kind in DISTILLATION:
+        if o.teacher is None:
+            raise ValueError(
+                f"objective.kind {o.kind} distils a teacher: set objective.teacher to its diffusers folder"
+            )
+        model_folder(o.teacher, "objective.teacher")
+        if o.caption_dropout and o.teacher_guidance != 1.0:
+            raise ValueError(
+                "objective.caption_dropout with a guided teacher (objective.teacher_guidance "
+                f"{o.teacher_guidance:g}): the guided target has no unconditional counterpart to learn; "
+                "remove objective.caption_dropout"
+            )
+    elif o.teacher is not None or o.teacher_guidance != 1.0:
+        raise ValueError(
+            "objective.teacher and objective.teacher_guidance are used by the kinds "
+            f"{' and '.join(DISTILLATION)}, not by {o.kind}; remove them or set objective.kind"
+        )
+    if o.kind == "progressive" and o.student_steps < 1:
+        raise ValueError(
+            "objective.kind progressive needs objective.student_steps: the student's number of steps "
+            "(the teacher takes two for each), e.g. 4"
+        )
+    if o.kind in ("flow", "guidance") and o.student_steps:
+        raise ValueError(
+            f"objective.student_steps is used by the kinds progressive and reflow, not by {o.kind}; remove it"
+        )
 
 
 # ------------------------------------------------------------------------------------------ dict -> config

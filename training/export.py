@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -48,8 +49,17 @@ def validation_grid(model: nn.Module, conditioner: Conditioner, config: TrainCon
     return path
 
 
-def export_final(model: nn.Module, conditioner: Conditioner | None, config: TrainConfig) -> Path:
-    """A diffusers folder in <output.dir>/final (LoRA merged; the LoRA file itself in <output.dir>/lora)."""
+def export_final(
+    model: nn.Module,
+    conditioner: Conditioner | None,
+    config: TrainConfig,
+    *,
+    student: dict[str, Any] | None = None,
+) -> Path:
+    """A diffusers folder in <output.dir>/final (LoRA merged; the LoRA file itself in <output.dir>/lora).
+
+    ``student``: defaults of a few-step student (``objectives.student_defaults``: steps, guidance,
+    distilled_steps) that replace the base model's in ``mmdit_flow.json``."""
     out = Path(config.output.dir)
     if config.lora.rank:
         from mmdit_flow.training.lora import merged_copy, save_lora
@@ -72,7 +82,8 @@ def export_final(model: nn.Module, conditioner: Conditioner | None, config: Trai
         folder = conditioner.pipe.save_pretrained(out / "final")
     finally:
         components.transformer, components.transformer_config = saved
-    write_json(trained_defaults(conditioner.pipe.defaults, config).to_json(), out / "final" / FILE)
+    defaults = dataclasses.replace(trained_defaults(conditioner.pipe.defaults, config), **(student or {}))
+    write_json(defaults.to_json(), out / "final" / FILE)
     return folder
 
 

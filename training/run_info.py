@@ -40,7 +40,13 @@ def run_record(config: TrainConfig, model: nn.Module) -> dict[str, Any]:
     digest = hashlib.sha256(repr(sorted(trainable)).encode()).hexdigest()[:16]
     lo = {"rank": lora.rank, "alpha": lora.alpha or float(lora.rank), "target_modules": lora.target_modules}
     source = {"pretrained": m.pretrained} if m.pretrained else {"preset": m.preset, "overrides": m.overrides}
+    o = config.objective
     return {
+        "objective": {
+            "kind": o.kind,
+            "teacher_guidance": o.teacher_guidance,
+            "student_steps": o.student_steps,
+        },
         "training": "lora" if lora.rank else "full",
         "lora": lo if lora.rank else None,
         "model": source,
@@ -72,6 +78,13 @@ def check_resume(saved: dict[str, Any] | None, current: dict[str, Any], root: Pa
     if saved is None:  # a checkpoint from before records were kept: the state-dict check is all there is
         return
     fix = f"use another output.dir, or remove the checkpoints in {root} to start over"
+    flow = {"kind": "flow", "teacher_guidance": 1.0, "student_steps": 0}  # records from before objectives
+    if saved.get("objective", flow) != current["objective"]:
+        was, now = saved.get("objective", flow), current["objective"]
+        raise ConfigError(
+            f"the checkpoints in {root} were written with objective {was}, this config has {now} "
+            f"(objective.kind, teacher_guidance, student_steps): {fix}"
+        )
     if (saved["training"], saved["lora"]) != (current["training"], current["lora"]):
         raise ConfigError(
             f"the checkpoints in {root} were written by {describe(saved)}; this config trains "

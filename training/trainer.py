@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from mmdit_flow.flow import cfm_loss, sample_t, shift_t
+from mmdit_flow.training import objectives
 from mmdit_flow.training.cache import CachedDataset, Conditioner, TextParts, combine, drop_captions
 from mmdit_flow.training.checkpoint import (
     checkpoint_path,
@@ -154,6 +155,8 @@ class Context:
     conditioner: Conditioner | None = None  # None when training from a cache
     ema: EMA | None = None
     record: dict[str, Any] | None = None  # what kind of run this is, saved in every checkpoint
+    teacher: objectives.Teacher | None = None  # guidance and progressive distillation
+    grid: objectives.Grid | None = None  # the student's sampling grid (objective.student_steps > 0)
 
 
 @dataclass
@@ -165,21 +168,30 @@ class StepResult:
 
 
 def sample_draws(
-    seeds: torch.Tensor, shape: tuple[int, ...], objective: Any, encoders: tuple[str, ...]
+    seeds: torch.Tensor,
+    shape: tuple[int, ...],
+    objective: Any,
+    encoders: tuple[str, ...],
+    grid: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Per sample, from its own generator: t [B] (scheme, then shift), noise [B, *shape], dropout flags.
 
-    ``caption_dropout``: ``{encoder: p}`` or ``{all: p}`` drop each encoder independently; ``{joint: p}`` also
-    drops all of a sample's encoders together with probability ``p``.
+    With ``grid`` = N > 0 the first value is instead the index [B] (int64) of a step of the N-step sampling
+    grid, uniform over the N steps (``objectives.Grid`` turns it into times). ``caption_dropout``:
+    ``{encoder: p}`` or ``{all: p}`` drop each encoder independently; ``{joint: p}`` also drops all of a
+    sample's encoders together with probability ``p``.
     """
     ts, drops, noises, joints = [], [], [], []
     for seed in seeds.tolist():
         g = torch.Generator().manual_seed(int(seed))
-        t = sample_t(
-            1, objective.scheme, generator=g, mean=objective.logit_mean, std=objective.logit_std,
-            scale=objective.mode_scale,
-        )  # fmt: skip
-        ts.append(shift_t(t, objective.shift) if objective.shift != 1.0 else t)
+        if grid:
+            ts.append(torch.randint(grid, (1,), generator=g))
+        else:
+            t = sample_t(
+                1, objective.scheme, generator=g, mean=objective.logit_mean, std=objective.logit_std,
+                scale=objective.mode_scale,
+            )  # fmt: skip
+            ts.append(shift_t(t, objective.shift) if objective.shift != 1.0 else t)
         drops.append(torch.rand(len(encoders), generator=g))
         noises.append(torch.randn(shape, generator=g))
         if "joint" in objective.caption_dropout:  # drawn last, so configs without it keep their draws
@@ -195,15 +207,18 @@ def sample_draws(
 
 
 def micro_loss(ctx: Context, batch: dict[str, Any]) -> torch.Tensor:
-    """The fp32 flow-matching loss of one micro-batch."""
-    device = ctx.accelerator.device
+    """The fp32 loss of one micro-batch: flow matching (``objective.kind`` flow, reflow) or distillation."""
+    device, o = ctx.accelerator.device, ctx.config.objective
     if "latents" in batch:
         x0, parts = batch["latents"].to(device).float(), batch["text"]
     else:
         with torch.no_grad():
             x0 = ctx.conditioner.encode_images(batch["pixels"].to(ctx.conditioner.device)).to(device)
             parts = ctx.conditioner.encode_text(batch["caption"])
-    t, noise, drop = sample_draws(batch["seed"], tuple(x0.shape[1:]), ctx.config.objective, ctx.encoders)
+    steps = ctx.grid.steps if ctx.grid is not None else 0
+    t, noise, drop = sample_draws(batch["seed"], tuple(x0.shape[1:]), o, ctx.encoders, grid=steps)
+    if o.kind == "reflow":
+        noise = batch["noise"]  # the coupling's own noise, paired with its latent
     parts = {n: {k: v.to(device) for k, v in kinds.items()} for n, kinds in parts.items()}
     txt, vec = combine(drop_captions(parts, ctx.empty, drop), ctx.layout)
 
@@ -211,10 +226,15 @@ def micro_loss(ctx: Context, batch: dict[str, Any]) -> torch.Tensor:
         with ctx.accelerator.autocast():
             return ctx.model(x, t, txt, vec).float()
 
-    weighting = ctx.config.objective.weighting
-    return cfm_loss(
-        velocity, x0, t=t.to(device), noise=noise.to(device), weighting=weighting, txt=txt, vec=vec
-    )
+    noise = noise.to(device)
+    if o.kind in ("flow", "reflow"):
+        t = ctx.grid.ts[t] if ctx.grid is not None else t
+        return cfm_loss(velocity, x0, t=t.to(device), noise=noise, weighting=o.weighting, txt=txt, vec=vec)
+    teacher = ctx.teacher.velocity_fn(ctx.accelerator, ctx.empty, ctx.layout, len(x0))
+    if o.kind == "guidance":
+        return objectives.guidance_loss(velocity, teacher, x0, noise, t.to(device), txt=txt, vec=vec)
+    t, t_mid, t_next = ctx.grid.times(t)
+    return objectives.progressive_loss(velocity, teacher, x0, noise, t, t_mid, t_next, txt=txt, vec=vec)
 
 
 def split_micro(batch: dict[str, Any], size: int) -> list[dict[str, Any]]:
@@ -446,16 +466,20 @@ def train(
         what = _data_description(cfg, dataset)
         unwrapped = acc.unwrap_model(model)
         logger.info("%s", plan(cfg, unwrapped, data=what, processes=acc.num_processes, start_step=state.step))
+    teacher, grid = objectives.prepare(cfg, dataset, acc.device)
     ctx = Context(
-        acc, model, optimizer, scheduler, cfg, state, text_layout, encoders, empty, conditioner, ema, record
-    )
+        acc, model, optimizer, scheduler, cfg, state, text_layout, encoders, empty, conditioner, ema, record,
+        teacher, grid,
+    )  # fmt: skip
     code = _loop(ctx, loader, bad, tqdm, on_step)
     acc.wait_for_everyone()
     final = None
     if code == 0 and cfg.output.save_final and acc.is_main_process:
         unwrapped = acc.unwrap_model(model)
         with ema.applied(unwrapped) if ema else contextlib.nullcontext():
-            final = export_final(unwrapped, conditioner, cfg)
+            final = export_final(
+                unwrapped, conditioner, cfg, student=objectives.student_defaults(cfg, dataset)
+            )
     if code == 0 and acc.is_main_process:
         logger.info("%s", wrote(cfg, final, latest_checkpoint(ckpt_root)))
     acc.end_training()
