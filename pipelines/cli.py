@@ -17,6 +17,7 @@ COMMANDS = {
     "train": "mmdit_flow.training.cli",
     "cache": "mmdit_flow.training.cache",
     "couplings": "mmdit_flow.training.couplings",
+    "distill": "mmdit_flow.training.distill_cli",
     "convert": "mmdit_flow.weights.cli",
     "lab": "mmdit_flow.training.lab.cli",
     "eval": "mmdit_flow.training.eval_cli",

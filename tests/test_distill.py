@@ -328,3 +328,39 @@ def test_progressive_round_exports_a_student_that_samples_as_made(tmp_path):
     other = {**base, "objective": {**base["objective"], "student_steps": 1}, "schedule": {"max_steps": 3}}
     with pytest.raises(ConfigError, match="written with objective.*student_steps"):
         train(config_from_dict(other))
+
+
+def test_distill_rounds_chain_teachers_and_skip_finished_rounds(tmp_path):
+    import argparse
+
+    import yaml
+
+    from mmdit_flow.training import distill_cli
+    from mmdit_flow.training.recipes.tiny_shapes.shapes import write_dataset
+
+    images = write_dataset(tmp_path / "shapes", 4)
+    config = tmp_path / "distill.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"pretrained": str(SHIPPED), "attention_backend": "math"},
+        "data": {"path": str(images), "batch_size": 2},
+        "objective": {"kind": "progressive", "teacher": str(SHIPPED), "teacher_guidance": 4.0,
+                      "student_steps": 1},
+        "schedule": {"max_steps": 1},
+        "output": {"dir": str(tmp_path / "run"), "trackers": [], "progress": False},
+    }))  # fmt: skip
+    assert distill_cli.main([str(config), "--rounds", "4,2"]) == 0
+    first, second = (tmp_path / "run" / f"round-{s}" for s in (4, 2))
+    ran = [yaml.safe_load((r / "config.yaml").read_text())["objective"] for r in (first, second)]
+    assert (ran[0]["teacher"], ran[0]["teacher_guidance"], ran[0]["student_steps"]) == (str(SHIPPED), 4.0, 4)
+    assert ran[1]["teacher"] == str(first / "final") and ran[1]["teacher_guidance"] == 1.0
+    assert ran[1]["student_steps"] == 2
+    assert json.loads((second / "final" / "mmdit_flow.json").read_text())["distilled_steps"] == [2]
+    stamp = (second / "final" / "model_index.json").stat().st_mtime_ns
+    assert distill_cli.main([str(config), "--rounds", "4,2"]) == 0  # both complete: nothing retrained
+    assert (second / "final" / "model_index.json").stat().st_mtime_ns == stamp
+    for bad in ("4,4", "2,4", "0", "four"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--rounds"):
+            distill_cli.rounds(bad)
+    flow = tmp_path / "flow.yaml"
+    flow.write_text(config.read_text().replace("kind: progressive", "kind: flow"))
+    assert distill_cli.main([str(flow), "--rounds", "2"]) == 2

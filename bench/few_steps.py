@@ -1,0 +1,172 @@
+"""Few-step students against their teacher: accuracy at 1, 2, 4 and 8 steps, forwards and seconds per image.
+
+Every model draws the same captions with the same seeds (``--seed + i``) and is scored by the recipe's
+evaluator (``mmdit_flow.training.recipes.tiny_shapes.evaluator``). The reference is the teacher at its
+headline setting (``--ref-steps`` Euler steps with CFG ``--guidance``); each row gives a model at a step
+count, its guidance (a student's recorded default, normally 1: one forward per step), its accuracy, the
+share of the reference's accuracy it keeps, and its paired difference to the reference with a 95 % bootstrap
+interval over images (``evaluator.bootstrap_difference``). Forwards per image count transformer calls: a
+CFG step is two (the pipeline batches them as one call of twice the batch).
+
+Seconds per image: the reference and each model at ``--time-steps`` steps are timed side by side
+(``timing.interleaved``, alternating rounds, medians, ratio with a bootstrap interval over rounds), a batch
+of ``--time-batch`` images per call, on the CPU with ``--threads`` threads.
+
+``--split heldout`` (the default) measures on the held-out captions (every scene holds a colour-shape pair
+never seen in training); ``--split validation`` on training-split scenes just past the training data,
+where settings and checkpoints are chosen.
+
+    python bench/few_steps.py --model turbo=weights/tiny-shapes-turbo
+    python bench/few_steps.py --model 2rf=runs/2rf --model turbo=runs/turbo --split validation --n 100
+
+Markdown tables go to stdout (docs/quality.md holds a run); ``--json`` also writes every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from quality import encode_with_empty, generate
+from timing import interleaved
+
+
+def named_folder(text: str) -> tuple[str, str]:
+    name, sep, folder = text.partition("=")
+    if not sep or not name or not folder:
+        raise argparse.ArgumentTypeError(f"--model takes NAME=FOLDER, got {text!r}")
+    return name, folder
+
+
+def ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def main() -> None:
+    from mmdit_flow.pipelines import TextToImagePipeline
+    from mmdit_flow.training.recipes.tiny_shapes import evaluator, shapes, ship
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--teacher", default=None, help="the teacher's folder (default: shipped tiny-shapes)")
+    parser.add_argument(
+        "--model", type=named_folder, action="append", default=[], help="NAME=FOLDER, a student (repeatable)"
+    )
+    parser.add_argument("--split", choices=("heldout", "validation"), default="heldout")
+    parser.add_argument("--n", type=int, default=200, help="captions")
+    parser.add_argument("--steps-list", type=ints, default=ints("1,2,4,8"))
+    parser.add_argument("--ref-steps", type=int, default=28)
+    parser.add_argument("--guidance", type=float, default=4.0, help="the teacher's CFG scale")
+    parser.add_argument("--teacher-sweep", action="store_true", help="also the teacher at --steps-list")
+    parser.add_argument("--time-steps", type=int, default=4, help="students' steps in the timing")
+    parser.add_argument("--time-batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=7, help="timing rounds (0: no timing)")
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+
+    if args.split == "heldout":
+        scenes = shapes.heldout_scenes(args.n)
+    else:
+        scenes = [shapes.scene_at(ship.TRAIN_IMAGES + i, split="train") for i in range(args.n)]
+    captions = [shapes.caption(s) for s in scenes]
+    seeds = [args.seed + i for i in range(args.n)]
+
+    def load(folder: str | None) -> TextToImagePipeline:
+        return TextToImagePipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
+
+    teacher = load(args.teacher)
+    cond, uncond = encode_with_empty(teacher, captions)  # every model here shares the teacher's encoders
+
+    def score(pipe, steps: int, guidance: float):
+        images = generate(pipe, cond, uncond, steps, guidance, seeds, args.batch)
+        return evaluator.evaluate(images, captions)
+
+    reference = score(teacher, args.ref_steps, args.guidance)
+    pipes = {"teacher": teacher} | {name: load(folder) for name, folder in args.model}
+    rows = [("teacher", args.ref_steps, args.guidance, reference)]
+    for name, pipe in pipes.items():
+        if name == "teacher" and not args.teacher_sweep:
+            continue
+        guidance = args.guidance if name == "teacher" else pipe.defaults.guidance
+        for steps in args.steps_list:
+            rows.append((name, steps, guidance, score(pipe, steps, guidance)))
+
+    report: dict = {
+        "teacher": str(args.teacher or "weights/tiny-shapes"),
+        "models": dict(args.model),
+        "split": args.split,
+        "n": args.n,
+        "rows": [],
+    }
+    pct = "{:.1%}".format
+    print(
+        f"{args.n} {args.split} captions, seeds {args.seed}-{args.seed + args.n - 1}; reference: the "
+        f"teacher, {args.ref_steps} steps, guidance {args.guidance:g}\n"
+    )
+    print("| model | steps | guidance | forwards / image | overall | all right | of reference | "
+          "vs reference (points, 95% CI) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for name, steps, guidance, result in rows:
+        forwards = steps * (2 if guidance > 1 else 1)
+        diff, low, high = evaluator.bootstrap_difference(result, reference)
+        share = result.overall / reference.overall
+        report["rows"].append({
+            "model": name, "steps": steps, "guidance": guidance, "forwards": forwards,
+            "overall": result.overall, "all_correct": result.all_correct, "of_reference": share,
+            "minus_reference": diff, "ci95": [low, high],
+        })  # fmt: skip
+        print(
+            f"| {name} | {steps} | {guidance:g} | {forwards} | {pct(result.overall)} | "
+            f"{pct(result.all_correct)} | {pct(share)} | "
+            f"{100 * diff:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] |"
+        )
+
+    if args.rounds and len(pipes) > 1:
+        batch_cond = cond.txt[: args.time_batch], cond.vec[: args.time_batch]
+        batch_uncond = uncond.txt[: args.time_batch], uncond.vec[: args.time_batch]
+
+        def sampler(pipe, steps: int, guidance: float):
+            kw = {"prompt_embeds": batch_cond[0], "pooled_prompt_embeds": batch_cond[1]}
+            if guidance > 1:
+                kw["negative_prompt_embeds"], kw["negative_pooled_prompt_embeds"] = batch_uncond
+            seed = seeds[: args.time_batch]
+
+            def run() -> None:
+                pipe(steps=steps, guidance=guidance, seed=seed, output="latent", progress=False, **kw)
+
+            return run
+
+        entries = {"teacher": sampler(teacher, args.ref_steps, args.guidance)}
+        for name, pipe in pipes.items():
+            if name != "teacher":
+                entries[name] = sampler(pipe, args.time_steps, pipe.defaults.guidance)
+        timings = interleaved(entries, rounds=args.rounds, warmup=1)
+        print(
+            f"\nseconds per image (batch {args.time_batch}, {args.threads} threads, {args.rounds} "
+            f"interleaved rounds, medians; students at {args.time_steps} steps):\n"
+        )
+        print("| model | steps | s / image | teacher / model |")
+        print("|---|---|---|---|")
+        report["seconds_per_image"] = {}
+        for name in entries:
+            per_image = timings.median(name) / args.time_batch
+            steps = args.ref_steps if name == "teacher" else args.time_steps
+            speedup = "1" if name == "teacher" else str(timings.ratio("teacher", name))
+            report["seconds_per_image"][name] = {"steps": steps, "seconds": per_image, "speedup": speedup}
+            print(f"| {name} | {steps} | {per_image:.4f} | {speedup} |")
+    seconds = time.perf_counter() - start
+    report["seconds"] = seconds
+    print(f"\nwall time {seconds:.0f} s ({args.threads} threads)")
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
