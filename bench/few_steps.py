@@ -45,6 +45,22 @@ def ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
 
+def flow_straightness(pipe, cond, uncond, guidance: float, seeds: list[int], steps: int) -> float:
+    """``reflow.straightness`` of a model's (guided) ODE from these seeds' noise, per latent dimension."""
+    from mmdit_flow.reflow import straightness
+    from mmdit_flow.sampling import cfg
+
+    n, d = len(seeds), pipe.defaults
+    h, w = d.height // pipe.codec.scale_factor, d.width // pipe.codec.scale_factor
+    shape = (pipe.codec.channels, h, w)
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    fn = pipe._velocity
+    if guidance > 1:
+        fn = cfg(fn, guidance, txt=uncond.txt[:n], vec=uncond.vec[:n])
+    ts = pipe._grid(steps, h, w)
+    return straightness(fn, noise, ts, txt=cond.txt[:n], vec=cond.vec[:n]) / noise[0].numel()
+
+
 def main() -> None:
     from mmdit_flow.pipelines import TextToImagePipeline
     from mmdit_flow.training.recipes.tiny_shapes import evaluator, shapes, ship
@@ -60,6 +76,9 @@ def main() -> None:
     parser.add_argument("--ref-steps", type=int, default=28)
     parser.add_argument("--guidance", type=float, default=4.0, help="the teacher's CFG scale")
     parser.add_argument("--teacher-sweep", action="store_true", help="also the teacher at --steps-list")
+    parser.add_argument(
+        "--straightness", type=int, default=0, help="captions for the straightness of each ODE (0: skip)"
+    )
     parser.add_argument("--time-steps", type=int, default=4, help="students' steps in the timing")
     parser.add_argument("--time-batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=7, help="timing rounds (0: no timing)")
@@ -127,6 +146,20 @@ def main() -> None:
             f"{pct(result.all_correct)} | {pct(share)} | "
             f"{100 * diff:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] |"
         )
+
+    if args.straightness:
+        k = min(args.straightness, args.n)
+        print(f"\nstraightness (reflow.straightness per latent dimension, {args.ref_steps}-step grid, {k} "
+              "captions; 0 is a straight flow):\n")  # fmt: skip
+        print("| model | guidance | straightness |")
+        print("|---|---|---|")
+        report["straightness"] = {}
+        for name, pipe in pipes.items():
+            guidance = args.guidance if name == "teacher" else pipe.defaults.guidance
+            with torch.no_grad():
+                value = flow_straightness(pipe, cond, uncond, guidance, seeds[:k], args.ref_steps)
+            report["straightness"][name] = value
+            print(f"| {name} | {guidance:g} | {value:.4f} |")
 
     if args.rounds and len(pipes) > 1:
         batch_cond = cond.txt[: args.time_batch], cond.vec[: args.time_batch]
