@@ -131,3 +131,49 @@ def test_no_two_classes_share_a_name():
                 if isinstance(node, ast.ClassDef):
                     where[node.name].append(str(path.relative_to(ROOT)))
     assert {name: files for name, files in where.items() if len(files) > 1} == {}
+
+
+# The one atomic writer (weights/io.py: atomic_path, write_json, save_file) and the checkpoint folders, which
+# are renamed whole (training/checkpoint.py, step-N.tmp -> step-N), are the only places that move files.
+ATOMIC_WRITERS = {"weights/io.py", "training/checkpoint.py"}
+
+
+def _hand_rolled_moves(path: Path) -> list[str]:
+    """Lines of ``path`` that write a fixed ``.tmp`` name or move a file into place themselves
+    (``os.replace`` / ``os.rename`` / ``shutil.move``, ``Path.replace`` / ``Path.rename``)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(".tmp"):
+            found.append(f"{path.name}:{node.lineno} {node.value!r}")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            owner = node.func.value.id if isinstance(node.func.value, ast.Name) else None
+            if owner == "dataclasses":
+                continue
+            moves = node.func.attr in ("replace", "rename") and (
+                owner in ("os", "shutil") or len(node.args) == 1
+            )
+            if moves or (owner == "shutil" and node.func.attr == "move"):
+                found.append(f"{path.name}:{node.lineno} {ast.unparse(node)}")
+    return sorted(found)
+
+
+def test_one_atomic_writer(tmp_path):
+    """Files are written through weights/io.py (a hand-rolled ``x.json.tmp`` write collides between two
+    writers and leaves the temporary behind on an error)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "tmp = path.with_suffix('.json.tmp')\ntmp.write_text(text)\ntmp.replace(path)\n"
+        "os.rename(a, b)\ns = s.replace('a', 'b')\nc = dataclasses.replace(c, x=1)\n"
+    )
+    assert _hand_rolled_moves(probe) == [
+        "probe.py:1 '.json.tmp'",
+        "probe.py:3 tmp.replace(path)",
+        "probe.py:4 os.rename(a, b)",
+    ]
+    found = {
+        str(path.relative_to(ROOT)): moves
+        for folder in (*FOLDERS, "bench")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        if (moves := _hand_rolled_moves(path)) and str(path.relative_to(ROOT)) not in ATOMIC_WRITERS
+    }
+    assert found == {}

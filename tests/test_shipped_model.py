@@ -124,6 +124,7 @@ def test_checkpoint_export_equals_the_final_export(tmp_path):
 
 
 def test_scheduler_and_index(tmp_path):
+    import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from mmdit_flow.training.recipes.tiny_shapes import ship
@@ -134,6 +135,14 @@ def test_scheduler_and_index(tmp_path):
     assert FlowMatchEulerDiscreteScheduler.from_pretrained(tmp_path / "scheduler").config.shift == 2.5
     with pytest.raises(ValueError, match="shift must be > 0"):
         ship.write_scheduler(tmp_path, shift=0.0)
+    for name in (*ship.COMPONENTS, "transformer"):
+        (tmp_path / name).mkdir()
+    path = ship.write_model_index(tmp_path)
+    written, shipped = json.loads(path.read_text()), json.loads((FOLDER / "model_index.json").read_text())
+    assert written.pop("_diffusers_version") == diffusers.__version__
+    shipped.pop("_diffusers_version")
+    assert written == shipped
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["model_index.json"]  # no temporary
 
 
 def test_prepare_writes_the_asked_share_of_two_object_scenes(tmp_path, capsys):

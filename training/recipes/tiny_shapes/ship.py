@@ -21,7 +21,6 @@ transformer of the config's shape, which is what ``mmdit-flow cache`` loads its 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 from collections.abc import Sequence
@@ -79,6 +78,8 @@ def write_model_index(folder: str | Path) -> Path:
     """``<folder>/model_index.json`` for ``StableDiffusion3Pipeline``; refuses an incomplete folder."""
     import diffusers
 
+    from mmdit_flow.weights.io import write_json
+
     folder = Path(folder)
     missing = [n for n in (*COMPONENTS, "transformer", "scheduler") if not (folder / n).is_dir()]
     if missing:
@@ -88,11 +89,7 @@ def write_model_index(folder: str | Path) -> Path:
         )
     index = {"_class_name": MODEL_INDEX["_class_name"], "_diffusers_version": diffusers.__version__}
     index.update({k: v for k, v in MODEL_INDEX.items() if k != "_class_name"})
-    path = folder / "model_index.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(index, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return write_json(index, folder / "model_index.json")
 
 
 def _copy_components(components: Path, out: Path) -> None:
