@@ -30,17 +30,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from mmdit_flow.flow import VelocityFn
 from mmdit_flow.models.flux import FluxConfig, pack, position_ids, unpack
 from mmdit_flow.models.sd3 import SD3Config
 
 SIDES = ("ours", "diffusers")
-VelocityFn = Callable[..., torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True)

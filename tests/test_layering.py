@@ -8,6 +8,7 @@ and each is checked against the layer of the file that makes it.
 from __future__ import annotations
 
 import ast
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -122,14 +123,27 @@ def test_the_checker_sees_arrows_back(tmp_path):
     assert _violations(probe, "training", "mmdit_flow.training") == []
 
 
-def test_no_two_classes_share_a_name():
-    """One name, one class, across the package (two ``SelfAttention`` or ``CheckpointError`` mislead)."""
+def _type_names(path: Path) -> list[str]:
+    """Classes (any depth) and module-level CamelCase aliases (``VelocityFn = Callable[...]``) in ``path``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = [node.name for node in ast.walk(tree) if isinstance(node, ast.ClassDef)]
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        names += [t.id for t in targets if isinstance(t, ast.Name) and re.fullmatch(r"[A-Z][a-z]\w*", t.id)]
+    return names
+
+
+def test_no_two_types_share_a_name(tmp_path):
+    """One name, one class or type alias, across the package and bench/ (two ``SelfAttention``,
+    ``CheckpointError`` or ``VelocityFn`` mislead)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("VelocityFn = Callable[..., Tensor]\nSIDES = ()\nclass A:\n    class B: ...\n")
+    assert _type_names(probe) == ["A", "B", "VelocityFn"]
     where = defaultdict(list)
-    for folder in FOLDERS:
+    for folder in (*FOLDERS, "bench"):
         for path in sorted((ROOT / folder).rglob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-                if isinstance(node, ast.ClassDef):
-                    where[node.name].append(str(path.relative_to(ROOT)))
+            for name in _type_names(path):
+                where[name].append(str(path.relative_to(ROOT)))
     assert {name: files for name, files in where.items() if len(files) > 1} == {}
 
 
