@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import re
+import shutil
 import subprocess
 import sys
 
@@ -43,23 +46,32 @@ def test_cli_parser_is_light():
     assert not loaded & set(CLI_HEAVY), f"build_parser() pulled in {sorted(loaded & set(CLI_HEAVY))}"
 
 
-@pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_command_help_is_light(command):
+@pytest.mark.parametrize("argv", [["--help"], *([command, "--help"] for command in sorted(COMMANDS))])
+def test_command_help_is_light(argv):
     code = (
         "from mmdit_flow.pipelines.cli import main\n"
         "try:\n"
-        f"    main([{command!r}, '--help'])\n"
+        f"    main({argv!r})\n"
         "except SystemExit as exit:\n"
         "    assert exit.code == 0, exit.code\n"
     )
     loaded = _loaded_after(code)
-    assert not loaded & set(CLI_HEAVY), f"{command} --help pulled in {sorted(loaded & set(CLI_HEAVY))}"
+    assert not loaded & set(CLI_HEAVY), f"{' '.join(argv)} pulled in {sorted(loaded & set(CLI_HEAVY))}"
+
+
+def test_console_script_lists_every_command():
+    """The installed ``mmdit-flow`` script (pyproject's scripts) answers --help with every command."""
+    script = shutil.which("mmdit-flow") or pytest.skip("no mmdit-flow script on PATH (pip install -e .)")
+    run = subprocess.run([script, "--help"], capture_output=True, text=True, check=True, timeout=60)
+    assert sorted(re.findall(r"^    (\w+)", run.stdout, flags=re.M)) == sorted(COMMANDS)
 
 
 def test_public_names_resolve():
     assert set(mmdit_flow.__all__) == {*mmdit_flow._LAZY, *mmdit_flow._SUBMODULES, "__version__"}
-    for name in mmdit_flow.__all__:
-        assert getattr(mmdit_flow, name) is not None, name
+    for name, module in mmdit_flow._LAZY.items():  # each public name is the object its module defines
+        assert getattr(mmdit_flow, name) is getattr(importlib.import_module(module), name), name
+    for name in mmdit_flow._SUBMODULES:
+        assert getattr(mmdit_flow, name).__name__ == f"mmdit_flow.{name}"
     assert mmdit_flow.TextToImagePipeline.__name__ == "TextToImagePipeline"
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         mmdit_flow.nope  # noqa: B018
