@@ -4,6 +4,7 @@ loads the same folder and makes the same images, and it draws what simple captio
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,25 @@ def test_folder_is_small_and_complete():
     size = sum(p.stat().st_size for p in FOLDER.rglob("*") if p.is_file())
     assert size < 50 * 2**20, f"weights/tiny-shapes is {size / 2**20:.1f} MiB; the budget is 50 MiB"
     assert not list(FOLDER.rglob("*.bin")), "pickle weights in the shipped folder"
+
+
+def test_readme_lists_the_words_the_model_knows():
+    """README's word list is the shipped vocabulary, grouped as the recipe's grammar groups it."""
+    from mmdit_flow.pipelines.defaults import read_defaults
+    from mmdit_flow.training.recipes.tiny_shapes import shapes
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("These are all the words it knows", 1)[1].split("\n\n**", 1)[0]
+    groups = {
+        line[2:].split(":", 1)[0]: re.findall(r"`(\w+)`", line)
+        for line in block.splitlines()
+        if line[:2] == "- "
+    }
+    listed = [w for words in groups.values() for w in words]
+    vocabulary = read_defaults(FOLDER).vocabulary
+    assert len(listed) == len(set(listed)) and set(listed) == vocabulary
+    assert groups["shapes"] == list(shapes.SHAPES) and groups["sizes"] == list(shapes.SIZES)
+    assert groups["colours"] == [*shapes.COLORS, *shapes.BACKGROUNDS]
 
 
 def test_default_path_loads_the_shipped_model(pipe):
