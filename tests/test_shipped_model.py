@@ -60,6 +60,38 @@ def test_readme_lists_the_words_the_model_knows():
     assert groups["colours"] == [*shapes.COLORS, *shapes.BACKGROUNDS]
 
 
+def _parameters(folder: Path) -> int:
+    """Numbers in a component's safetensors files, less the transformer's fixed position table (a buffer)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            total += sum(
+                int(np.prod(f.get_slice(k).get_shape())) for k in f.keys() if k != "pos_embed.pos_embed"
+            )
+    return total
+
+
+def test_parameter_counts_agree_everywhere():
+    """Every parameter count README and docs/ state for the shipped model is its files' count."""
+    root = Path(__file__).resolve().parents[1]
+    counts = {d.name: _parameters(d) for d in FOLDER.iterdir() if list(d.glob("*.safetensors"))}
+    assert set(counts) == {"transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"}
+    rows = 0
+    for doc in ("docs/quality.md", "docs/tiny-shapes.md"):
+        for name, exact in re.findall(r"^\| `(\w+)/` \|.*\(([\d ]+)\) \|", (root / doc).read_text(), re.M):
+            assert int(exact.replace(" ", "")) == counts[name], (doc, name)
+            rows += 1
+    assert rows == 9  # quality.md: all five components; tiny-shapes.md: the encoders and the VAE
+    transformer, total = f"{counts['transformer'] / 1e6:.2f} M", f"{sum(counts.values()) / 1e6:.2f} M"
+    assert f"a {transformer}-parameter SD3-layout MMDiT" in (root / "README.md").read_text()
+    assert f"The MMDiT ({transformer}\nparameters)" in (root / "docs/tiny-shapes.md").read_text()
+    quality = (root / "docs/quality.md").read_text()
+    assert f"All parts together: {total} parameters." in quality
+    assert f"| recipe: 6 blocks, hidden 128, 2 heads of 64 (`math`, shift 3) | {transformer} |" in quality
+
+
 def test_default_path_loads_the_shipped_model(pipe):
     from mmdit_flow.pipelines.loading import demo_folder
 
