@@ -265,3 +265,16 @@ def test_help_quotes_the_demo_models_recorded_defaults(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     for option, key in [("--steps", "steps"), ("--guidance", "guidance"), ("--height", "height")]:
         assert f"{option} " in help_text and f"the demo model: {recorded[key]})" in help_text, key
+
+
+def test_sampler_choices_are_the_solvers(capsys):
+    """The pipeline's and --help's sampler lists are the solvers of sampling.METHODS (--help stays torch-free,
+    so it repeats them)."""
+    from mmdit_flow import sampling
+    from mmdit_flow.pipelines import checks
+
+    assert checks.SAMPLERS == sampling.METHODS
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"--sampler SAMPLER {' | '.join(sampling.METHODS)}" in help_text
