@@ -191,3 +191,24 @@ def test_one_atomic_writer(tmp_path):
         if (moves := _hand_rolled_moves(path)) and str(path.relative_to(ROOT)) not in ATOMIC_WRITERS
     }
     assert found == {}
+
+
+def test_bench_imports_nothing_from_tests():
+    """bench/ builds its own cases (cases.py, pipeline_cases.py): no ``sys.path`` edits, no test module."""
+    test_modules = {p.stem for p in (ROOT / "tests").glob("*.py")}
+    found = []
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr == "path"
+                and getattr(node.value, "id", "") == "sys"
+            ):
+                found.append(f"{path.name}:{node.lineno} sys.path")
+        found += [
+            f"{path.name}:{line} imports {name}"
+            for line, name in _imports(path, "bench")
+            if name.split(".")[0] in {"tests", *test_modules}
+        ]
+    assert found == []
