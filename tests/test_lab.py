@@ -206,3 +206,18 @@ def test_ctrl_c_before_any_data_set_leaves_earlier_tables_alone(tmp_path, monkey
     monkeypatch.setattr(experiment, "run_dataset", stop)
     assert main(["lab", "--datasets", "moons", "--out", str(tmp_path)]) == 130
     assert (tmp_path / "results.md").read_text() == before
+
+
+def test_readme_lab_command_names_real_data_sets():
+    """README's lab command parses and its data sets exist (its time was measured with this command)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from mmdit_flow.pipelines.cli import build_parser
+    from mmdit_flow.training.lab.data import check_names
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    command = shlex.split(re.search(r"`OMP_NUM_THREADS=1 mmdit-flow (lab [^`]+)`", readme).group(1))
+    args = build_parser().parse_args(command)
+    assert check_names(args.datasets.split(",")) == ["moons", "8gaussians"] and not args.quick
