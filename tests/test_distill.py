@@ -364,3 +364,21 @@ def test_distill_rounds_chain_teachers_and_skip_finished_rounds(tmp_path):
     flow = tmp_path / "flow.yaml"
     flow.write_text(config.read_text().replace("kind: progressive", "kind: flow"))
     assert distill_cli.main([str(flow), "--rounds", "2"]) == 2
+
+
+def test_a_reflow_student_records_every_grid_inside_its_own(couplings, tmp_path):
+    from mmdit_flow.training.cache import CachedDataset
+    from mmdit_flow.training.objectives import Grid, student_defaults
+
+    grid = Grid.for_scheduler(4, 3.0)
+    trained = {round(t, 6) for t in grid.ts[:-1].tolist()}
+    for n in range(1, 5):
+        inside = {round(t, 6) for t in timesteps(n, shift=3.0)[:-1].tolist()} <= trained
+        assert (n in grid.sub_grids()) == inside
+    assert grid.sub_grids() == (1, 2, 4)  # the scheduler's grids end at sigma_min: 2 steps = {1, 0.0089}
+    ds = CachedDataset(couplings)
+    reflow = _config(tmp_path, {"cache_dir": str(couplings)}, kind="reflow", student_steps=4)
+    assert student_defaults(reflow, ds, grid) == {"steps": 4, "distilled_steps": (1, 2, 4), "guidance": 1.0}
+    progressive = _config(tmp_path, {"cache_dir": str(couplings)}, kind="progressive", student_steps=4,
+                          teacher=str(SHIPPED))  # fmt: skip
+    assert student_defaults(progressive, ds, grid) == {"steps": 4, "distilled_steps": (4,)}

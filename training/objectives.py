@@ -41,6 +41,7 @@ class Grid:
     """The student's N-step sampling grid: times ``ts`` [N + 1] (1 down to 0) and interval midpoints [N]."""
 
     steps: int
+    shift: float
     ts: torch.Tensor
     mids: torch.Tensor
 
@@ -49,7 +50,19 @@ class Grid:
         from mmdit_flow.sampling import timesteps
 
         ts = timesteps(steps, shift=shift, grid="scheduler")
-        return cls(steps, ts, grid_midpoints(ts, shift))
+        return cls(steps, shift, ts, grid_midpoints(ts, shift))
+
+    def sub_grids(self) -> tuple[int, ...]:
+        """The step counts n <= N whose grids evaluate the model only at times of this one: a student trained
+        to reach each time's straight-line target (reflow on the grid) samples in any of them. With this
+        scheduler's grid (ending at sigma_min, then 0) the 4-step grid holds the 2- and 1-step ones."""
+        from mmdit_flow.sampling import timesteps
+
+        def inside(n: int) -> bool:
+            times = timesteps(n, shift=self.shift, grid="scheduler")[:-1]
+            return bool((times[:, None] - self.ts[None, :-1]).abs().min(1).values.max() < 1e-6)
+
+        return tuple(n for n in range(1, self.steps + 1) if inside(n))
 
     def times(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(t_i, midpoint, t_(i+1)) for step indices [B]."""
@@ -141,14 +154,18 @@ def prepare(config: TrainConfig, dataset: Any, device: torch.device) -> tuple[Te
     return teacher, grid
 
 
-def student_defaults(config: TrainConfig, dataset: Any) -> dict[str, Any]:
+def student_defaults(config: TrainConfig, dataset: Any, grid: Grid | None = None) -> dict[str, Any]:
     """What the student's ``mmdit_flow.json`` records beyond the base model's defaults: its step count
-    (and ``distilled_steps``) for a grid-trained student, guidance 1 for a student that learned a guided
-    velocity (a guided teacher or guided couplings), so that one forward per step is the default."""
+    and ``distilled_steps`` for a grid-trained student (a reflow student also every smaller grid whose times
+    it was trained at, ``Grid.sub_grids``; a progressive one only its own, since its steps span its grid's
+    intervals), guidance 1 for a student that learned a guided velocity (a guided teacher or guided
+    couplings), so that one forward per step is the default."""
     o = config.objective
     out: dict[str, Any] = {}
     if o.student_steps:
         out["steps"], out["distilled_steps"] = o.student_steps, (o.student_steps,)
+        if o.kind == "reflow" and grid is not None:
+            out["distilled_steps"] = grid.sub_grids()
     couplings = getattr(dataset, "couplings", None) if o.kind == "reflow" else None
     if o.teacher_guidance != 1.0 or (couplings is not None and float(couplings["guidance"]) != 1.0):
         out["guidance"] = 1.0

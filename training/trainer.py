@@ -478,7 +478,7 @@ def train(
         unwrapped = acc.unwrap_model(model)
         with ema.applied(unwrapped) if ema else contextlib.nullcontext():
             final = export_final(
-                unwrapped, conditioner, cfg, student=objectives.student_defaults(cfg, dataset)
+                unwrapped, conditioner, cfg, student=objectives.student_defaults(cfg, dataset, grid)
             )
     if code == 0 and acc.is_main_process:
         logger.info("%s", wrote(cfg, final, latest_checkpoint(ckpt_root)))
