@@ -37,6 +37,8 @@ DIFFUSERS_OTHERS = {
     "timesteps": "the time grid comes from the scheduler config; choose steps",
     "sigmas": "the time grid comes from the scheduler config; choose steps",
     "joint_attention_kwargs": "LoRA scales are set by pipe.load_lora(path, scale=...)",
+    "masked_image_latents": "pass image and mask_image; the kept region comes from the image",
+    "padding_mask_crop": "crop the image and the mask to the region yourself, then paste the result back",
 }
 
 
@@ -376,4 +378,7 @@ CALL_ARGUMENTS = (
     "pooled_prompt_embeds",
     "negative_prompt_embeds",
     "negative_pooled_prompt_embeds",
+    "image",
+    "mask_image",
+    "strength",
 )

@@ -4,6 +4,9 @@ The file format follows the output's suffix (``FORMATS``). Beside the images, ``
 file's prompt (the Hugging Face imagefolder convention, one ``{"file_name", "text"}`` object per line) so that
 ``mmdit-flow eval FOLDER`` can score them; a later run into the same folder adds its lines and replaces those
 of the files it overwrote. Files are written atomically and get the mode a plain ``open()`` gives (the umask).
+
+``--image IN [--strength S]`` edits an image file (image-to-image); with ``--mask FILE`` it inpaints the
+mask's white region (``pipelines/edit.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
-HELP = "Generate images from a text prompt and write them as PNG, JPEG or WebP files."
+HELP = (
+    "Generate images from a text prompt (or edit one: --image, --mask) and write them as PNG, JPEG or WebP "
+    "files."
+)
 DTYPES = {
     "float32": "float32",
     "fp32": "float32",
@@ -102,6 +108,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--offload", action="store_true", help="keep models on the CPU, move each while it runs"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--image",
+        default=None,
+        help="start from this image file (image-to-image); the size defaults to the image's",
+    )
+    parser.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="with --image: how far towards noise to start, 0 < S <= 1 (default 0.6; 1 keeps only the size)",
+    )
+    parser.add_argument(
+        "--mask", default=None, help="with --image: inpaint, regenerating the white region of this mask file"
+    )
 
 
 def output_paths(output: str, n: int) -> list[Path]:
@@ -187,6 +207,40 @@ def check_device(name: str) -> None:
         raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu")
 
 
+def open_image(path: str, flag: str) -> Image.Image:
+    """An image file, EXIF rotation applied; ValueError naming the file when it cannot be read."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return ImageOps.exif_transpose(img)
+    except FileNotFoundError as err:
+        raise ValueError(f"{flag} {path}: no such file") from err
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as err:
+        raise ValueError(f"{flag} {path}: cannot read the image ({err})") from err
+
+
+def _edit_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """image / mask_image / strength for the pipeline from --image, --mask and --strength."""
+    if args.image is None:
+        for flag, value in (("--mask", args.mask), ("--strength", args.strength)):
+            if value is not None:
+                raise ValueError(f"{flag} needs --image (the image to edit)")
+        return {}
+    from mmdit_flow.pipelines.edit import check_strength
+
+    edit = {"image": open_image(args.image, "--image")}
+    if args.mask is not None:
+        edit["mask_image"] = open_image(args.mask, "--mask")
+    if args.strength is not None:
+        try:
+            edit["strength"] = check_strength(args.strength)
+        except ValueError as err:
+            raise ValueError(f"--{err}") from err
+    return edit
+
+
 def run(args: argparse.Namespace) -> int:
     """Generate and save; bad arguments or folders print the error and return 2."""
     try:
@@ -203,6 +257,7 @@ def _generate(args: argparse.Namespace) -> int:
     captions = read_captions(captions_path)
     if args.device is not None:
         check_device(args.device)
+    edit = _edit_arguments(args)
 
     import torch
 
@@ -227,6 +282,7 @@ def _generate(args: argparse.Namespace) -> int:
         num_images=args.num_images,
         sampler=args.sampler,
         progress=not args.no_progress,
+        **edit,
         **{name: value for name, value in given.items() if value is not None},
     )
     for image, path in zip(images, paths, strict=True):

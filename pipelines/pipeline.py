@@ -2,6 +2,7 @@
 
     pipe = TextToImagePipeline.from_pretrained("path/to/sd3-or-flux")     # a diffusers folder
     image = pipe("a cat", steps=28, seed=0)                               # one PIL image
+    edited = pipe("a red cat", image=image, strength=0.6)                 # image-to-image (edit.py)
 
 For the same weights, prompts and seed the images equal those of diffusers' ``StableDiffusion3Pipeline`` /
 ``FluxPipeline`` (tested on tiny random components). Where it differs on purpose:
@@ -41,6 +42,7 @@ import torch
 from mmdit_flow.pipelines import checks
 from mmdit_flow.pipelines.defaults import FILE as DEFAULTS_FILE
 from mmdit_flow.pipelines.defaults import ModelDefaults, native_size, read_defaults
+from mmdit_flow.pipelines.edit import ImageEdit
 from mmdit_flow.pipelines.loading import Components, default_device_dtype, demo_folder, load_components
 from mmdit_flow.pipelines.text import ClipEncoder, FluxTextEncoder, PromptEmbeds, SD3TextEncoder, T5Encoder
 from mmdit_flow.pipelines.vae import LatentCodec, to_numpy, to_pil
@@ -296,6 +298,9 @@ class TextToImagePipeline:
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        image: Any = None,
+        mask_image: Any = None,
+        strength: float | None = None,
         **diffusers_names: Any,
     ) -> Any:
         """Generate images; returns one PIL image for a str prompt with ``num_images=1``, else a list
@@ -306,6 +311,10 @@ class TextToImagePipeline:
         and the native size), ``num_images`` 1 and ``output`` "pil". diffusers' names
         ``num_inference_steps``, ``guidance_scale``, ``num_images_per_prompt`` and ``output_type`` are taken
         for ours. ``callback(i, t, latents)`` runs after step i with the time reached and the fp32 latents.
+
+        With ``image`` (PIL, numpy or tensor) it is image-to-image from ``strength`` (default 0.6) along
+        the path to noise, and with ``mask_image`` as well inpainting (white regenerated, the rest kept);
+        ``height`` / ``width`` default to the image's size. See ``edit.py``.
         """
         from mmdit_flow.sampling import cfg, solve
 
@@ -314,6 +323,10 @@ class TextToImagePipeline:
             {"steps": steps, "guidance": guidance, "num_images": num_images, "output": output},
         )
         d = self.defaults
+        scale = self.codec.scale_factor
+        edit = ImageEdit.from_call(image, mask_image, strength, latents)  # None: text-to-image
+        if edit is not None:
+            height, width = edit.size(height, width, scale * self.patch)
         guidance = named["guidance"]
         steps = d.steps if named["steps"] is None else named["steps"]
         num_images = 1 if named["num_images"] is None else named["num_images"]
@@ -321,7 +334,6 @@ class TextToImagePipeline:
         height = d.height if height is None else height
         width = d.width if width is None else width
         max_sequence_length = d.max_sequence_length if max_sequence_length is None else max_sequence_length
-        scale = self.codec.scale_factor
         args = checks.check_call(
             family=self.family,
             prompt=prompt,
@@ -356,6 +368,9 @@ class TextToImagePipeline:
         if latents is not None:
             checks.check_latents(latents, (n, self.codec.channels, h, w))
         ts = self._grid(steps, h, w)  # before any model runs: a grid too fine for fp32 raises here
+        if edit is not None:
+            edit.prepare(height, width, n, scale)
+            ts = edit.grid(ts)
 
         cond, uncond = self._embeddings(
             args.prompts, args.negatives, args.given, args.guided, max_sequence_length
@@ -369,14 +384,21 @@ class TextToImagePipeline:
             uncond = uncond.repeat(num_images).to(self.device, self.dtype)
             fn = cfg(fn, args.cfg_scale, **{**kwargs, "txt": uncond.txt, "vec": uncond.vec})
 
+        def draw_noise() -> torch.Tensor:
+            return self._noise(n, h, w, args.generators)
+
         if latents is not None:
             x = latents.to(self.device, self.dtype)
+        elif edit is not None:
+            with self._on_device(self.codec.vae):
+                start = edit.start(self.codec, float(ts[0]), n, args.generators, draw_noise)
+            x = start.x
         else:
-            x = self._noise(n, h, w, args.generators)
+            x = draw_noise()
 
         from tqdm.auto import tqdm
 
-        with tqdm(total=steps, disable=not progress, desc="sampling") as bar:
+        with tqdm(total=len(ts) - 1, disable=not progress, desc="sampling") as bar:
 
             def step_done(i: int, t: float, state: torch.Tensor) -> None:
                 bar.update()
@@ -384,7 +406,10 @@ class TextToImagePipeline:
                     callback(i, t, state)
 
             with self._on_device(self.transformer):
-                z = solve(fn, x, ts, method=sampler, callback=step_done, **kwargs)
+                if edit is None:
+                    z = solve(fn, x, ts, method=sampler, callback=step_done, **kwargs)
+                else:
+                    z = edit.integrate(start, fn, ts, method=sampler, callback=step_done, **kwargs)
 
         if output == "latent":
             return z
