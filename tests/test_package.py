@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +84,47 @@ def test_every_command_has_help(command, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert "usage: mmdit-flow " + command in capsys.readouterr().out
+
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
+
+
+def _resolve(dotted: str) -> object:
+    """The module or attribute a dotted ``mmdit_flow.`` name in the docs stands for."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+            break
+        except ModuleNotFoundError:
+            continue
+    for part in parts[i:]:
+        obj = getattr(obj, part)
+    return obj
+
+
+def test_docs_name_what_exists():
+    """Every ``mmdit_flow.x.y`` name and every source path README and docs/ mention exists (a file that moved
+    leaves no stale name behind)."""
+    with pytest.raises(AttributeError):
+        _resolve("mmdit_flow.training.lora.load_lora")  # moved to mmdit_flow.weights.lora
+    names, paths = set(), set()
+    for doc in DOCS:
+        text = doc.read_text(encoding="utf-8")
+        names |= {m for m in re.findall(r"\bmmdit_flow(?:\.\w+)+", text) if not m.endswith(".json")}
+        paths |= set(
+            re.findall(
+                r"\b(?:mmdit_flow|bench|training|pipelines|weights|tests|docs)/[\w./-]+\.(?:py|md|yaml|sh)",
+                text,
+            )
+        )
+    assert len(names) > 10 and len(paths) > 10
+    bad = []
+    for name in sorted(names):
+        try:
+            _resolve(name)
+        except (AttributeError, ImportError):
+            bad.append(name)
+    assert bad == []
+    assert sorted(p for p in paths if not (ROOT / p).exists()) == []
