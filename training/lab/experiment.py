@@ -41,6 +41,8 @@ class LabConfig:
     couplings: int = 20_000  # (noise, ODE(noise)) pairs generated from 1-RF for reflow
     coupling_method: str = "rk4"
     coupling_steps: int = 8  # 32 evaluations
+    pd_rounds: tuple[int, ...] = (16, 8, 4, 2, 1)  # progressive distillation from 1-RF: students' steps
+    pd_steps: int = 500  # training steps of each round
     n_test: int = 1500  # held-out points and samples per W2
     nfes: tuple[int, ...] = NFES
     path_steps: int = 100  # steps of the trajectories that are drawn
@@ -54,6 +56,8 @@ class LabConfig:
             reflow_steps=50,
             couplings=2000,
             coupling_steps=5,
+            pd_rounds=(4, 2, 1),
+            pd_steps=30,
             n_test=300,
             nfes=(1, 2, 4, 8),
             path_steps=20,
@@ -204,7 +208,9 @@ def _timed(results: dict[str, float], name: str, fn: Any, *args: Any, **kw: Any)
 def train_models(
     name: str, config: LabConfig, gens: dict[str, torch.Generator], progress: bool
 ) -> tuple[dict[str, torch.nn.Module], dict[str, float]]:
-    """Train 1-RF, 2-RF (reflow of 1-RF), OT-CFM and the DDPM baseline; returns nets and seconds per model."""
+    """Train 1-RF, 2-RF (reflow of 1-RF), OT-CFM, the DDPM baseline and the progressive-distillation students
+    of 1-RF (``PD-N`` for N in ``config.pd_rounds``, each round's student the next one's teacher); returns
+    nets and seconds per model."""
     from mmdit_flow.reflow import make_couplings
     from mmdit_flow.sampling import timesteps
     from mmdit_flow.training.lab import train
@@ -258,7 +264,26 @@ def train_models(
     nets["DDPM"] = _timed(
         seconds, "DDPM", train.train_ddpm, sampler, cfg, generator=g, progress=progress, desc=f"{name} DDPM"
     )
+    start, teacher = time.perf_counter(), nets["1-RF"]
+    for n in config.pd_rounds:
+        teacher = nets[f"PD-{n}"] = train.train_progressive(
+            teacher, sampler, cfg, n, generator=g, steps=config.pd_steps, progress=progress,
+            desc=f"{name} PD-{n}",
+        )  # fmt: skip
+    seconds["PD"] = round(time.perf_counter() - start, 2)
     return nets, seconds
+
+
+def _progressive_row(
+    nets: dict[str, torch.nn.Module], noise: torch.Tensor, test: torch.Tensor, config: LabConfig
+) -> dict[str, Any]:
+    """W2 of each progressive-distillation student at its own step count (one student per NFE)."""
+    row = _row("PD", "euler", "linear")
+    row["label"] = "PD (progressive distillation of 1-RF), euler"
+    for n in sorted(config.pd_rounds):
+        x, used = sample_flow(nets[f"PD-{n}"], noise, "euler", n)
+        row["w2"][str(n)], row["nfe_used"][str(n)] = w2(x, test), used
+    return row
 
 
 @torch.no_grad()
@@ -287,6 +312,8 @@ def run_dataset(
     eval_start = time.perf_counter()
     rows = _flow_rows(nets, noise, test, config.nfes)
     rows += _diffusion_rows(nets["DDPM"], noise, test, config.nfes, seed)
+    if config.pd_rounds:
+        rows.append(_progressive_row(nets, noise, test, config))
     straight = straightness_of(nets, noise, config.path_steps)
     seconds["evaluate"] = round(time.perf_counter() - eval_start, 2)
 
@@ -352,6 +379,7 @@ def draw(
             folder / "one_step.png",
             title=f"{name}: where one step lands",
         ),
+        *_progressive_paths(name, nets, noise, config, folder),
         plots.quality_vs_nfe(
             rows, floor, folder / "quality_vs_nfe.png", title=f"{name}: W2 to held-out data"
         ),
@@ -363,6 +391,26 @@ def draw(
             frames=config.gif_frames,
         ),
     ]
+
+
+def _progressive_paths(
+    name: str, nets: dict[str, torch.nn.Module], noise: torch.Tensor, config: LabConfig, folder: Path
+) -> list[Path]:
+    """1-RF against its progressive-distillation student at the student's few steps (4 or the nearest)."""
+    from mmdit_flow.sampling import solve, timesteps
+    from mmdit_flow.training.lab import plots
+
+    if not config.pd_rounds:
+        return []
+    n = min(config.pd_rounds, key=lambda k: (abs(k - 4), k))
+    ts = timesteps(n, grid="linear")
+    trajs = {
+        f"1-RF, {n} Euler steps": solve(nets["1-RF"], noise, ts, method="euler", trajectory=True).xs,
+        f"PD-{n} (distilled), {n} Euler steps": solve(nets[f"PD-{n}"], noise, ts, method="euler",
+                                                      trajectory=True).xs,
+    }  # fmt: skip
+    return [plots.paths(trajs, folder / "paths_progressive.png", title=f"{name}: {n} steps, before and after "
+                        "progressive distillation")]  # fmt: skip
 
 
 def run_lab(

@@ -48,7 +48,7 @@ def dataset_markdown(name: str, result: dict[str, Any], nfes: list[int]) -> list
         f"W2 floor (two independent data samples of the same size): {result['floor_w2']:.3f}. "
         f"Wall time {sec['total']:.0f} s (training: "
         + ", ".join(
-            f"{k} {sec[k]:.0f} s" for k in ("1-RF", "couplings", "2-RF", "OT-CFM", "DDPM") if k in sec
+            f"{k} {sec[k]:.0f} s" for k in ("1-RF", "couplings", "2-RF", "OT-CFM", "DDPM", "PD") if k in sec
         )
         + ").",
         "",
