@@ -105,12 +105,15 @@ class TextToImagePipeline:
         allow_pickle: bool = False,
         offload: bool = False,
     ) -> TextToImagePipeline:
-        """Load a diffusers SD3 / SD3.5 / Flux pipeline folder (``path=None``: the shipped demo model).
+        """Load a diffusers SD3 / SD3.5 / Flux pipeline folder (``path=None``: the shipped demo model;
+        ``"shipped:NAME"``: another shipped model, e.g. ``shipped:tiny-shapes-turbo``).
 
         Defaults: CUDA in bfloat16 when available, else the CPU in float32. ``offload=True`` keeps the models
         on the CPU and moves each to ``device`` only while it runs. Pickle-only folders need ``allow_pickle``.
         """
-        folder = Path(path) if path is not None else demo_folder()
+        from mmdit_flow.shipped import model_folder
+
+        folder = Path(model_folder(str(path), "path")) if path is not None else demo_folder()
         device, dtype = default_device_dtype(device, dtype)
         defaults = read_defaults(folder)
         components = load_components(

@@ -104,6 +104,16 @@ def test_default_path_loads_the_shipped_model(pipe):
     assert image.size == (64, 64)
 
 
+def test_shipped_names_load_the_shipped_folders(pipe):
+    from mmdit_flow.pipelines import TextToImagePipeline
+
+    named = TextToImagePipeline.from_pretrained("shipped:tiny-shapes", device="cpu", dtype=torch.float32)
+    a = named(PROMPTS[0], steps=2, seed=0, output="latent", progress=False)
+    assert torch.equal(a, pipe(PROMPTS[0], steps=2, seed=0, output="latent", progress=False))
+    with pytest.raises(ValueError, match="'shipped:nope' names no shipped model; .*shipped:tiny-shapes"):
+        TextToImagePipeline.from_pretrained("shipped:nope")
+
+
 def test_prompts_default_to_the_trained_length(pipe):
     """CLIP pads to 32 tokens, not 77, and T5 defaults to 32, not 256: the layout the model was trained on."""
     embeds = pipe.encode_prompt(PROMPTS)

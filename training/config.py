@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.util
 import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
+
+from mmdit_flow.shipped import SHIPPED, package_folder, shipped
+from mmdit_flow.shipped import model_folder as shipped_folder
 
 # each repeats a list stated in mmdit_flow (this module must not import torch); tests/test_train_config.py
 # checks that they agree
@@ -168,43 +170,19 @@ class ConfigError(ValueError):
 
 
 # ------------------------------------------------------------------------------------ shipped names
-
-SHIPPED = "shipped:"  # `model.pretrained: shipped:tiny-shapes`, `mmdit-flow train shipped:lora_tiny_shapes`
-
-
-def _package_folder(package: str) -> Path:
-    """A package's folder, found without importing it (``mmdit_flow.weights`` imports torch)."""
-    spec = importlib.util.find_spec(package)
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def shipped_models() -> dict[str, Path]:
-    """Name -> folder of every model that comes with mmdit-flow (package data of ``mmdit_flow.weights``)."""
-    root = _package_folder("mmdit_flow.weights")
-    return {p.name: p for p in sorted(root.iterdir()) if (p / "model_index.json").is_file()}
+# `model.pretrained: shipped:tiny-shapes`, `mmdit-flow train shipped:lora_tiny_shapes` (mmdit_flow.shipped)
 
 
 def example_configs() -> dict[str, Path]:
     """Name -> file of every example training config that comes with mmdit-flow (``training/examples``)."""
-    root = _package_folder("mmdit_flow.training") / "examples"
+    root = package_folder("mmdit_flow.training") / "examples"
     return {p.stem: p for p in sorted(root.glob("*.yaml"))}
 
 
-def _shipped(value: str, found: dict[str, Path], what: str, key: str) -> Path:
-    name = value.removeprefix(SHIPPED)
-    if name not in found:
-        names = ", ".join(SHIPPED + n for n in found) or "none"
-        raise ValueError(f"{key}: {value!r} names no shipped {what}; the shipped {what}s are: {names}")
-    return found[name]
-
-
 def model_folder(value: str, key: str = "model.pretrained") -> str:
-    """The path a ``model.pretrained`` / ``model.components`` value names: ``shipped:NAME`` is the folder
-    of a shipped model (an explicit prefix, so that a local folder of the same name is never shadowed);
-    anything else is a path, returned unchanged."""
-    if not value.startswith(SHIPPED):
-        return value
-    return str(_shipped(value, shipped_models(), "model", key))
+    """The path a ``model.pretrained`` / ``model.components`` value names (``mmdit_flow.shipped``:
+    ``shipped:NAME`` is the folder of a shipped model; anything else is a path, returned unchanged)."""
+    return shipped_folder(value, key)
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -551,7 +529,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict[str, Any] = {}
     if path is not None:
         if str(path).startswith(SHIPPED):
-            path = _shipped(str(path), example_configs(), "example config", "the config")
+            path = shipped(str(path), example_configs(), "example config", "the config")
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file {str(path)!r} does not exist")
