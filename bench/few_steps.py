@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from quality import encode_with_empty, generate
+from quality import EXAMPLES, encode_with_empty, generate
 from timing import interleaved
 
 
@@ -61,6 +61,33 @@ def flow_straightness(pipe, cond, uncond, guidance: float, seeds: list[int], ste
     return straightness(fn, noise, ts, txt=cond.txt[:n], vec=cond.vec[:n]) / noise[0].numel()
 
 
+def save_examples(teacher, pipes: dict, args: argparse.Namespace, path: Path) -> None:
+    """One PNG, upscaled 4x: a row per model and step count (the teacher at --ref-steps with CFG first), a
+    column per prompt of ``quality.EXAMPLES`` with seed = its index; the rows are listed in ``path`` .txt."""
+    import numpy as np
+    from PIL import Image
+
+    seeds = list(range(len(EXAMPLES)))
+    rows = [("teacher", teacher, args.ref_steps, args.guidance)]
+    rows += [
+        (n, p, s, p.defaults.guidance) for n, p in pipes.items() if n != "teacher" for s in args.example_steps
+    ]
+    strips, lines = [], []
+    for name, pipe, steps, guidance in rows:
+        images = pipe(EXAMPLES, steps=steps, guidance=guidance, seed=seeds, output="np", progress=False)
+        strips.append(np.concatenate(list(images), axis=1))
+        forwards = steps * (2 if guidance > 1 else 1)
+        lines.append(
+            f"row {len(lines) + 1}: {name}, {steps} steps, guidance {guidance:g} ({forwards} forwards)"
+        )
+    grid = (np.clip(np.concatenate(strips, axis=0), 0, 1) * 255).round().astype(np.uint8)
+    image = Image.fromarray(grid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.resize((image.width * 4, image.height * 4), Image.NEAREST).save(path)
+    prompts = [f"column {i + 1}: {p}" for i, p in enumerate(EXAMPLES)]
+    path.with_suffix(".txt").write_text("\n".join(lines + prompts) + "\n")
+
+
 def main() -> None:
     from mmdit_flow.pipelines import TextToImagePipeline
     from mmdit_flow.training.recipes.tiny_shapes import evaluator, shapes, ship
@@ -86,6 +113,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--examples", type=Path, default=None,
+        help="also save a PNG: quality.EXAMPLES (seeds 0-5) by the teacher and each model at --example-steps",
+    )  # fmt: skip
+    parser.add_argument("--example-steps", type=ints, default=ints("4,1"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -194,6 +226,8 @@ def main() -> None:
             speedup = "1" if name == "teacher" else str(timings.ratio("teacher", name))
             report["seconds_per_image"][name] = {"steps": steps, "seconds": per_image, "speedup": speedup}
             print(f"| {name} | {steps} | {per_image:.4f} | {speedup} |")
+    if args.examples is not None:
+        save_examples(teacher, pipes, args, args.examples)
     seconds = time.perf_counter() - start
     report["seconds"] = seconds
     print(f"\nwall time {seconds:.0f} s ({args.threads} threads)")

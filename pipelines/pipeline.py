@@ -234,9 +234,10 @@ class TextToImagePipeline:
         one for a step count that a few-step student was not distilled for."""
         made_for = self.defaults.distilled_steps
         if made_for is not None and steps not in made_for:
+            counts = ", ".join(map(str, made_for[:-1])) + " or " * (len(made_for) > 1) + str(made_for[-1])
             warnings.warn(
-                f"this model was distilled to sample in {' or '.join(map(str, made_for))} steps; {steps} "
-                f"steps may give worse images (pass steps={made_for[0]}, the default)",
+                f"this model was distilled to sample in {counts} steps; {steps} steps may give worse "
+                f"images (leave steps unset for its default, {self.defaults.steps})",
                 UserWarning,
                 stacklevel=3,
             )

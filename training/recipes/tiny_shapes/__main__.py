@@ -19,6 +19,10 @@ COMMANDS = {
     "prepare": ("ship", "training images + staging pipeline folder for `mmdit-flow cache`"),
     "config": ("ship", "print the path of the recipe's training config"),
     "assemble": ("ship", "trained transformer + components -> the shippable SD3 folder"),
+    "turbo": (
+        "turbo",
+        "the few-step student: couplings, reflow, distillation (resumable)",
+    ),
 }
 
 
