@@ -28,6 +28,7 @@ _SUBMODULES = {
     "sampling",
     "likelihood",
     "reflow",
+    "so3",
     "attention",
     "models",
     "pipelines",
@@ -57,6 +58,7 @@ __all__ = [
     "reflow",
     "sampling",
     "save_transformer",
+    "so3",
     "training",
     "weights",
 ]

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from mmdit_flow import sampling
-from mmdit_flow.flow import VelocityFn, sample_t
+from mmdit_flow.flow import VelocityFn, _check_t, sample_t
 from mmdit_flow.sampling import AdaptiveResult
 
 LOG_VOLUME = math.log(8 * math.pi**2)  # log of the volume of SO(3) under the rotation-angle metric
@@ -159,6 +159,7 @@ def dexp(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def interpolate(r0: torch.Tensor, r1: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
     """The geodesic R_t = r0 exp(t log(r0^T r1)): r0 at t = 0 (data), r1 at t = 1 (noise); t float or [B]."""
     _check_pair(r0, r1)
+    _check_t(t, r0.shape[0] if r0.ndim == 3 else None)
     t = torch.as_tensor(t, dtype=r0.dtype, device=r0.device)
     if t.ndim == 1:
         t = t.reshape(-1, *([1] * (r0.ndim - 2)))  # [B] -> [B, 1, ..., 1]
@@ -203,6 +204,7 @@ def cfm_loss(
         t = sample_t(batch, scheme, generator=generator, device=device)
     if not isinstance(t, torch.Tensor) or t.shape != (batch,):
         raise ValueError(f"t must be a tensor of shape [{batch}] (one time per sample)")
+    _check_t(t, batch)
     t = t.to(r0.device, r0.dtype)
     target = velocity_target(r0, noise)  # [B, 3]
     r_t = r0 @ exp(t[:, None] * target)
@@ -256,9 +258,17 @@ def _check_sigma(sigma: float) -> None:
 def _igso3_terms(w: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(f(w; sigma), f'(w; sigma) / w) in fp64 at angles w [...]: the series and its radial derivative."""
     _check_sigma(sigma)
-    w64 = w.to(torch.float64)
     l_max = math.ceil(12 / sigma) + 5
-    ls = torch.arange(l_max + 1, dtype=torch.float64, device=w.device)  # [L]
+    flat = w.to(torch.float64).reshape(-1)
+    chunk = max(1, 2**20 // (l_max + 1))  # bounds the [chunk, L] temporaries at a few MiB each
+    parts = [_igso3_chunk(flat[i : i + chunk], sigma, l_max) for i in range(0, flat.numel(), chunk)]
+    f = torch.cat([p[0] for p in parts]) if parts else flat
+    df_over_w = torch.cat([p[1] for p in parts]) if parts else flat
+    return f.reshape(w.shape), df_over_w.reshape(w.shape)
+
+
+def _igso3_chunk(w64: torch.Tensor, sigma: float, l_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ls = torch.arange(l_max + 1, dtype=torch.float64, device=w64.device)  # [L]
     weight = (2 * ls + 1) * torch.exp(-ls * (ls + 1) * sigma**2 / 2)  # [L]
     half = (w64 / 2)[..., None]  # [..., 1]
     m, ll = 2 * ls + 1, ls * (ls + 1)
@@ -337,7 +347,8 @@ def igso3(
     w = ws[i - 1] + frac * (ws[i] - ws[i - 1])
     r = exp(w[:, None] * axis / axis.norm(dim=-1, keepdim=True))
     if mean is not None:
-        _check_matrix(mean, "mean")
+        if mean.shape != (3, 3):
+            raise ValueError(f"mean must be one rotation matrix [3, 3]; got shape {tuple(mean.shape)}")
         r = mean.to(r) @ r
     return r.to(dtype)
 
@@ -494,8 +505,7 @@ def divergence(velocity_fn: VelocityFn, r: torch.Tensor, t: torch.Tensor, **cond
     Exact (three backward passes): the left-invariant frame R hat(e_i) is orthonormal and divergence-free
     (SO(3) is unimodular), so div (sum_i v_i E_i) = sum_i E_i(v_i).
     """
-    v, div = _value_and_divergence(velocity_fn, r, t, cond)
-    return div
+    return _value_and_divergence(velocity_fn, r, t, cond)[1]
 
 
 def _value_and_divergence(
