@@ -7,6 +7,11 @@ of the files it overwrote. Files are written atomically and get the mode a plain
 
 ``--image IN [--strength S]`` edits an image file (image-to-image); with ``--mask FILE`` it inpaints the
 mask's white region (``pipelines/edit.py``).
+
+A PNG carries its generation parameters in a text chunk (``parameters.py``; a call without ``--seed`` draws
+one at random and records it); ``--from-png FILE`` makes that image again, with any option given beside it
+taking the place of the recorded value. ``--prompts FILE --out DIR`` generates one image per line
+(``pipelines/generate.py``, also run as ``accelerate launch -m mmdit_flow.pipelines.generate``).
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
+    from mmdit_flow.pipelines.parameters import GenerationParameters
+
 HELP = (
-    "Generate images from a text prompt (or edit one: --image, --mask) and write them as PNG, JPEG or WebP "
-    "files."
+    "Generate images from a text prompt (or edit one: --image, --mask; or one per line of a file: --prompts) "
+    "and write them as PNG, JPEG or WebP files."
 )
 DTYPES = {
     "float32": "float32",
@@ -68,7 +75,7 @@ def _default(demo: dict[str, Any], key: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     demo = demo_defaults()
-    parser.add_argument("prompt", help="the text prompt")
+    parser.add_argument("prompt", nargs="?", default=None, help="the text prompt")
     parser.add_argument("--model", default=None, help="diffusers SD3 / Flux folder (default: the demo model)")
     parser.add_argument("--steps", type=int, default=None, help=f"sampling steps ({_default(demo, 'steps')})")
     parser.add_argument(
@@ -77,7 +84,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"guidance scale, SD3: CFG, Flux dev: distilled ({_default(demo, 'guidance')})",
     )
-    parser.add_argument("--seed", type=int, default=None, help="random seed (same seed, same image)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="random seed (same seed, same image; default: drawn at random and recorded in the PNG; "
+        "with --prompts the seed of line 0, line i gets seed + i, default 0)",
+    )
     parser.add_argument(
         "--height", type=int, default=None, help=f"image height in pixels ({_default(demo, 'height')})"
     )
@@ -86,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--negative", default=None, help="negative prompt")
     parser.add_argument("--num-images", type=int, default=1, help="images to generate (default 1)")
-    parser.add_argument("--sampler", default="euler", help="euler | midpoint | heun | rk4")
+    parser.add_argument("--sampler", default=None, help="euler | midpoint | heun | rk4 (default euler)")
     parser.add_argument(
         "--max-sequence-length",
         type=int,
@@ -96,7 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-o",
         "--output",
-        default="out.png",
+        default=None,
         help="output file, .png, .jpg/.jpeg or .webp (default out.png); several: out-0.png, out-1.png ...; "
         f"each file's prompt goes to {METADATA} beside it (for `mmdit-flow eval`)",
     )
@@ -122,6 +135,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mask", default=None, help="with --image: inpaint, regenerating the white region of this mask file"
     )
+    parser.add_argument(
+        "--from-png",
+        default=None,
+        metavar="FILE",
+        help="make again the image this PNG (written by mmdit-flow) records; options given beside it replace "
+        "the recorded values",
+    )
+    parser.add_argument(
+        "--prompts",
+        default=None,
+        metavar="FILE",
+        help="a text file, one prompt a line: one PNG per line into --out (line i: DIR/0000i.png, seed "
+        "--seed + i); a stopped run continues; several processes with accelerate launch -m "
+        "mmdit_flow.pipelines.generate",
+    )
+    parser.add_argument("--out", default=None, metavar="DIR", help="with --prompts: the output folder")
+    parser.add_argument(
+        "--batch-size", type=int, default=1, help="with --prompts: images per pipeline call (default 1)"
+    )
 
 
 def output_paths(output: str, n: int) -> list[Path]:
@@ -141,11 +173,14 @@ def output_paths(output: str, n: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
 
 
-def save_image(image: Image.Image, path: Path) -> None:
-    """Write ``image`` in the format its suffix names, atomically (no half-written file on a stop)."""
+def save_image(image: Image.Image, path: Path, params: GenerationParameters | None = None) -> None:
+    """Write ``image`` in the format its suffix names, atomically (no half-written file on a stop); a PNG
+    gets ``params`` in its text chunk."""
     from mmdit_flow.weights.io import atomic_path
 
     fmt, options = FORMATS[path.suffix.lower()]
+    if params is not None and fmt == "PNG":
+        options = {**options, "pnginfo": params.png_info()}
     with atomic_path(path) as tmp:
         image.save(tmp, format=fmt, **options)
 
@@ -244,15 +279,58 @@ def _edit_arguments(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     """Generate and save; bad arguments or folders print the error and return 2."""
     try:
+        if args.prompts is not None:
+            if args.prompt is not None or args.from_png is not None:
+                raise ValueError("--prompts reads the prompts from its file; drop the prompt and --from-png")
+            if args.out is None:
+                raise ValueError("--prompts needs --out DIR, the folder for the images")
+            from mmdit_flow.pipelines import generate
+
+            return generate.run(args)
+        if args.out is not None or args.batch_size != 1:
+            raise ValueError("--out and --batch-size go with --prompts FILE (for one prompt use -o FILE)")
+        if args.from_png is not None:
+            _fill_from_png(args)
+        if args.prompt is None:
+            raise ValueError("give a prompt, --from-png FILE, or --prompts FILE --out DIR")
         return _generate(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"mmdit-flow generate: error: {err}", file=sys.stderr)
         return 2
 
 
+def _fill_from_png(args: argparse.Namespace) -> None:
+    """Take every option left unset from the parameters the PNG records."""
+    from mmdit_flow.pipelines.parameters import GenerationParameters
+
+    params = GenerationParameters.from_png(args.from_png)
+    recorded = {
+        "prompt": params.prompt,
+        "negative": params.negative,
+        "steps": params.steps,
+        "guidance": params.guidance,
+        "seed": params.seed,
+        "sampler": params.sampler,
+        "model": params.model_path,
+        "height": params.height,
+        "width": params.width,
+        "max_sequence_length": params.max_sequence_length,
+        "image": params.image,
+        "mask": params.mask,
+        "strength": params.strength,
+    }
+    for name, value in recorded.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.num_images == 1 and params.num_images > 1:
+        # image `index` of a --num-images call: all of them share one seed, so make them all, keep that one
+        args.num_images, args.keep_index = params.num_images, params.index
+
+
 def _generate(args: argparse.Namespace) -> int:
     # everything that can be checked before loading a model is checked first
-    paths = output_paths(args.output, args.num_images)
+    keep = getattr(args, "keep_index", None)
+    paths = output_paths(args.output or "out.png", 1 if keep is not None else args.num_images)
     captions_path = paths[0].parent / METADATA
     captions = read_captions(captions_path)
     if args.device is not None:
@@ -275,19 +353,54 @@ def _generate(args: argparse.Namespace) -> int:
         "width": args.width,
         "max_sequence_length": args.max_sequence_length,
     }
+    if args.seed is None:  # drawn here rather than by torch, so that the PNG can record it
+        import secrets
+
+        args.seed = secrets.randbelow(2**32)
     images = pipe(
         [args.prompt],
         negative_prompt=args.negative,
         seed=args.seed,
         num_images=args.num_images,
-        sampler=args.sampler,
+        sampler=args.sampler or "euler",
         progress=not args.no_progress,
         **edit,
         **{name: value for name, value in given.items() if value is not None},
     )
-    for image, path in zip(images, paths, strict=True):
-        save_image(image, path)
+    records = _parameters(pipe, args, given, images)
+    if keep is not None:
+        images, records = [images[keep]], [records[keep]]
+    for image, path, params in zip(images, paths, records, strict=True):
+        save_image(image, path, params)
         captions[path.name] = args.prompt
         print(path)
     write_captions(captions_path, captions)
     return 0
+
+
+def _parameters(
+    pipe, args: argparse.Namespace, given: dict[str, Any], images: list
+) -> list[GenerationParameters]:
+    """What each image of a call records in its PNG (the size is the image's: an edit takes its input's)."""
+    from mmdit_flow.pipelines.parameters import GenerationParameters, resolved_settings
+
+    settings = resolved_settings(pipe, **given)
+    out = []
+    for index, image in enumerate(images):
+        fields = {**settings, "height": image.height, "width": image.width}
+        out.append(
+            GenerationParameters(
+                prompt=args.prompt,
+                negative=args.negative,
+                seed=args.seed,
+                sampler=args.sampler or "euler",
+                model=GenerationParameters.model_name(args.model),
+                num_images=args.num_images,
+                index=index,
+                image=None if args.image is None else str(Path(args.image).resolve()),
+                mask=None if args.mask is None else str(Path(args.mask).resolve()),
+                strength=args.strength,
+                **fields,
+            )
+        )
+    return out
