@@ -8,7 +8,8 @@ share of the reference's accuracy it keeps, and its paired difference to the ref
 interval over images (``evaluator.bootstrap_difference``). Forwards per image count transformer calls: a
 CFG step is two (the pipeline batches them as one call of twice the batch).
 
-Seconds per image: the reference and each model at ``--time-steps`` steps are timed side by side
+Seconds per image: the reference and each model at ``--time-steps`` steps (those of them a student was
+distilled for, when it records ``distilled_steps``; so for the accuracy rows) are timed side by side
 (``timing.interleaved``, alternating rounds, medians, ratio with a bootstrap interval over rounds), a batch
 of ``--time-batch`` images per call, on the CPU with ``--threads`` threads.
 
@@ -61,6 +62,12 @@ def flow_straightness(pipe, cond, uncond, guidance: float, seeds: list[int], ste
     return straightness(fn, noise, ts, txt=cond.txt[:n], vec=cond.vec[:n]) / noise[0].numel()
 
 
+def usable(pipe, steps_list: list[int]) -> list[int]:
+    """The step counts of ``steps_list`` a model is made for: all of them, or those it was distilled for."""
+    made_for = pipe.defaults.distilled_steps
+    return [s for s in steps_list if made_for is None or s in made_for]
+
+
 def save_examples(teacher, pipes: dict, args: argparse.Namespace, path: Path) -> None:
     """One PNG, upscaled 4x: a row per model and step count (the teacher at --ref-steps with CFG first), a
     column per prompt of ``quality.EXAMPLES`` with seed = its index; the rows are listed in ``path`` .txt."""
@@ -106,7 +113,7 @@ def main() -> None:
     parser.add_argument(
         "--straightness", type=int, default=0, help="captions for the straightness of each ODE (0: skip)"
     )
-    parser.add_argument("--time-steps", type=int, default=4, help="students' steps in the timing")
+    parser.add_argument("--time-steps", type=ints, default=ints("4,1"), help="students' steps in the timing")
     parser.add_argument("--time-batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=7, help="timing rounds (0: no timing)")
     parser.add_argument("--batch", type=int, default=100)
@@ -146,7 +153,7 @@ def main() -> None:
         if name == "teacher" and not args.teacher_sweep:
             continue
         guidance = args.guidance if name == "teacher" else pipe.defaults.guidance
-        for steps in args.steps_list:
+        for steps in usable(pipe, args.steps_list):
             rows.append((name, steps, guidance, score(pipe, steps, guidance)))
 
     report: dict = {
@@ -179,6 +186,26 @@ def main() -> None:
             f"{100 * diff:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] |"
         )
 
+    students = [name for name, _ in args.model]
+    by_key = {(name, steps): result for name, steps, _, result in rows}
+    pairs = [
+        (n, s)
+        for n in students[1:]
+        for s in args.steps_list
+        if (n, s) in by_key and (students[0], s) in by_key
+    ]
+    if pairs:
+        print(f"\nagainst {students[0]} at the same steps (points, paired 95% CI):\n")
+        print(f"| model | steps | minus {students[0]} |")
+        print("|---|---|---|")
+        report["vs_first_model"] = []
+        for name, steps in pairs:
+            diff, low, high = evaluator.bootstrap_difference(by_key[name, steps], by_key[students[0], steps])
+            report["vs_first_model"].append(
+                {"model": name, "steps": steps, "diff": diff, "ci95": [low, high]}
+            )
+            print(f"| {name} | {steps} | {100 * diff:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] |")
+
     if args.straightness:
         k = min(args.straightness, args.n)
         print(f"\nstraightness (reflow.straightness per latent dimension, {args.ref_steps}-step grid, {k} "
@@ -208,21 +235,22 @@ def main() -> None:
 
             return run
 
-        entries = {"teacher": sampler(teacher, args.ref_steps, args.guidance)}
+        entries, steps_of = {"teacher": sampler(teacher, args.ref_steps, args.guidance)}, {}
         for name, pipe in pipes.items():
-            if name != "teacher":
-                entries[name] = sampler(pipe, args.time_steps, pipe.defaults.guidance)
+            for steps in usable(pipe, args.time_steps) if name != "teacher" else ():
+                key = f"{name} @ {steps}"
+                entries[key], steps_of[key] = sampler(pipe, steps, pipe.defaults.guidance), steps
         timings = interleaved(entries, rounds=args.rounds, warmup=1)
         print(
             f"\nseconds per image (batch {args.time_batch}, {args.threads} threads, {args.rounds} "
-            f"interleaved rounds, medians; students at {args.time_steps} steps):\n"
+            "interleaved rounds, medians):\n"
         )
         print("| model | steps | s / image | teacher / model |")
         print("|---|---|---|---|")
         report["seconds_per_image"] = {}
         for name in entries:
             per_image = timings.median(name) / args.time_batch
-            steps = args.ref_steps if name == "teacher" else args.time_steps
+            steps = args.ref_steps if name == "teacher" else steps_of[name]
             speedup = "1" if name == "teacher" else str(timings.ratio("teacher", name))
             report["seconds_per_image"][name] = {"steps": steps, "seconds": per_image, "speedup": speedup}
             print(f"| {name} | {steps} | {per_image:.4f} | {speedup} |")
