@@ -391,3 +391,49 @@ def test_a_reflow_student_records_every_grid_inside_its_own(couplings, tmp_path)
     progressive = _config(tmp_path, {"cache_dir": str(couplings)}, kind="progressive", student_steps=4,
                           teacher=str(SHIPPED))  # fmt: skip
     assert student_defaults(progressive, ds, grid) == {"steps": 4, "distilled_steps": (4,)}
+
+
+@pytest.mark.parametrize(
+    "objective",
+    [{"kind": "reflow", "student_steps": 4},
+     {"kind": "progressive", "student_steps": 2, "teacher": str(SHIPPED), "teacher_guidance": 3.0}],
+    ids=["reflow", "progressive"],
+)  # fmt: skip
+def test_a_student_run_resumes_exactly_with_accumulation_and_ema(couplings, tmp_path, objective):
+    import signal
+
+    from mmdit_flow.training.config import config_from_dict
+    from mmdit_flow.training.trainer import train
+
+    def config(name):
+        return config_from_dict({
+            "model": {"pretrained": str(SHIPPED), "attention_backend": "math"},
+            "data": {"cache_dir": str(couplings), "batch_size": 1},
+            "objective": {**objective, "shift": 3.0},
+            "optimizer": {"grad_accum": 2},
+            "schedule": {"max_steps": 4},
+            "ema": {"decay": 0.9},
+            "output": {"dir": str(tmp_path / name), "trackers": [], "progress": False, "save_final": False,
+                       "checkpoint_every": 100},
+        })  # fmt: skip
+
+    def run(cfg, stop_at=None):
+        from mmdit_flow.training.trainer import build_model
+
+        model, losses = build_model(cfg), []
+
+        def on_step(step, result):
+            losses.append(result.loss)
+            if step == stop_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        return train(cfg, model=model, on_step=on_step), model, losses
+
+    code, whole, losses = run(config("a"))
+    assert code == 0 and len(losses) == 4
+    code, _, first = run(config("b"), stop_at=2)
+    assert code == 128 + signal.SIGTERM
+    code, resumed, second = run(config("b"))
+    assert code == 0 and first + second == losses
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
