@@ -18,8 +18,8 @@ import torch
 from mmdit_flow.pipelines.text import PromptEmbeds, check_max_sequence_length
 from mmdit_flow.pipelines.vae import NonFiniteLatentsError, rows_with
 from mmdit_flow.sampling import MAX_STEPS
+from mmdit_flow.sampling import METHODS as SAMPLERS
 
-SAMPLERS = ("euler", "midpoint", "heun", "rk4")
 OUTPUTS = ("pil", "np", "pt", "latent")
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2**64)
 # diffusers' argument names -> ours (same meaning and values)
