@@ -28,8 +28,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from mmdit_flow.pipelines.parameters import GenerationParameters
 
 HELP = (
-    "Generate images from a text prompt (or edit one: --image, --mask; or one per line of a file: --prompts) "
-    "and write them as PNG, JPEG or WebP files."
+    "generate images from a text prompt (or edit one: --image, --mask; or one per line of a file: --prompts) "
+    "and write them as PNG, JPEG or WebP files"
 )
 DTYPES = {
     "float32": "float32",

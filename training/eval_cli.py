@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-HELP = "Check images against their captions (captioned shapes): per-attribute and overall accuracy."
+HELP = "check images against their captions (captioned shapes): per-attribute and overall accuracy"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ import argparse
 import shlex
 import sys
 
-HELP = "2-D lab: rectified flow, reflow, OT-CFM and DDPM/DDIM on toy data; plots, GIF and W2-vs-NFE tables."
+HELP = "2-D lab: rectified flow, reflow, OT-CFM, distillation and DDPM/DDIM on toy data; plots and W2 tables"
 DEFAULT_DATASETS = "two_clusters,8gaussians,moons,checkerboard,spirals"
 
 
