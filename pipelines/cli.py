@@ -21,6 +21,7 @@ COMMANDS = {
     "convert": "mmdit_flow.weights.cli",
     "lab": "mmdit_flow.training.lab.cli",
     "eval": "mmdit_flow.training.eval_cli",
+    "serve": "mmdit_flow.pipelines.serve",
 }
 
 
