@@ -323,7 +323,7 @@ def build_app(studio: Studio, show_preview: bool = True) -> Any:
             yield item[0], item[1], gr.update(), gr.update()
         res = result[0]
         if res.error is not None:
-            yield None, f"**Error:** {res.error}", gr.update(), gr.update()
+            yield None, f"**Error:** {res.error}", None, gr.update()
             return
         p = res.parameters
         status = f"done in {p['seconds']} s (seed {p['seed']})"
@@ -352,7 +352,7 @@ def build_app(studio: Studio, show_preview: bool = True) -> Any:
                     )
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
-                result = gr.Image(label="Image", type="pil", interactive=False, elem_id="result")
+                result = gr.Image(label="Image", type="pil", interactive=False, height=384, elem_id="result")
                 status = gr.Markdown(elem_id="status")
                 parameters = gr.JSON(label="Parameters", elem_id="parameters")
         gallery = gr.Gallery(gallery_items(), label="Gallery", columns=6, elem_id="gallery")
@@ -371,8 +371,9 @@ def build_app(studio: Studio, show_preview: bool = True) -> Any:
             strength,
         ]
         outputs = [result, status, parameters, gallery]
-        button.click(run, inputs, outputs)
-        prompt.submit(run, inputs, outputs)
+        button.click(run, inputs, outputs, api_name="generate")
+        prompt.submit(run, inputs, outputs, api_name=False)  # Enter in the prompt box
+        app.load(gallery_items, None, gallery, api_name=False)  # a reloaded page shows the gallery so far
     app.queue(default_concurrency_limit=1)
     return app
 

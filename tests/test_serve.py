@@ -167,12 +167,25 @@ def server(studio):
 
 
 @needs_gradio
-def test_the_page_answers_through_the_gradio_client(server):
-    """The queued endpoint streams step previews, then the image and its parameters."""
-    import httpx
+def test_the_page_streams_each_steps_preview_then_the_image(server):
+    """Through the page's queued endpoint (the Gradio client): a preview per step, then the image, its
+    parameters and the gallery."""
+    from gradio_client import Client
 
-    page = httpx.get(server, timeout=30)
-    assert page.status_code == 200 and "mmdit-flow" in page.text
+    client = Client(server, verbose=False)
+    fields = (PROMPT, "", "shipped:tiny-shapes", 3, 4.0, 11, 64, 64, "euler", None, None, 0.6)
+    job = client.submit(*fields, api_name="/generate")
+    image, status, parameters, gallery = job.result()
+    statuses = [out[1] for out in job.outputs()]
+    assert statuses[1:4] == ["step 1 / 3", "step 2 / 3", "step 3 / 3"]
+    assert status.startswith("done in") and parameters["seed"] == 11 and parameters["steps"] == 3
+    assert "seed 11" in gallery[0]["caption"]
+    with Image.open(image) as img:
+        assert img.size == (64, 64)
+    _, status, parameters, _ = client.predict(
+        *(PROMPT, "", "shipped:tiny-shapes", 0, *fields[4:]), api_name="/generate"
+    )
+    assert status == "**Error:** steps must be positive, got 0" and parameters is None
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
