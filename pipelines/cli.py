@@ -22,6 +22,7 @@ COMMANDS = {
     "lab": "mmdit_flow.training.lab.cli",
     "eval": "mmdit_flow.training.eval_cli",
     "serve": "mmdit_flow.pipelines.serve",
+    "likelihood": "mmdit_flow.pipelines.likelihood_cli",
 }
 
 
