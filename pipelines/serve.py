@@ -28,6 +28,8 @@ HELP = (
 SHIPPED_MODELS = ("shipped:tiny-shapes", "shipped:tiny-shapes-turbo")
 SAMPLERS = ("euler", "midpoint", "heun", "rk4")
 GALLERY_SIZE = 64  # the newest images the gallery keeps
+# the result fills its box, small images scaled up without blur
+CSS = "#result img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -403,5 +405,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     app = build_app(studio, show_preview=not args.no_preview)
     print(f"mmdit-flow serve: open http://{args.host}:{args.port} (Ctrl-C stops)")
-    app.launch(server_name=args.host, server_port=args.port, show_error=True)
+    launch(app, args.host, args.port)
     return 0
+
+
+def launch(app: Any, host: str, port: int, **kwargs: Any) -> Any:
+    """Serve the page (``prevent_thread_lock=True`` in ``kwargs``: from a thread, returning at once)."""
+    return app.launch(server_name=host, server_port=port, show_error=True, css=CSS, **kwargs)

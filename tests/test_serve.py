@@ -157,11 +157,11 @@ def server(studio):
     """The page served on localhost from a thread of this process."""
     if not HAS_GRADIO:
         pytest.skip("gradio is not installed (pip install 'mmdit-flow[serve]')")
-    from mmdit_flow.pipelines.serve import build_app
+    from mmdit_flow.pipelines.serve import build_app, launch
 
     app = build_app(studio)
     port = _free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    launch(app, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}"
     app.close()
 
