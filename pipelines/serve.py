@@ -354,10 +354,12 @@ def build_app(studio: Studio, show_preview: bool = True) -> Any:
                     )
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
-                result = gr.Image(label="Image", type="pil", interactive=False, height=384, elem_id="result")
+                result = gr.Image(
+                    label="Image", type="pil", format="png", interactive=False, height=384, elem_id="result"
+                )
                 status = gr.Markdown(elem_id="status")
                 parameters = gr.JSON(label="Parameters", elem_id="parameters")
-        gallery = gr.Gallery(gallery_items(), label="Gallery", columns=6, elem_id="gallery")
+        gallery = gr.Gallery(gallery_items(), label="Gallery", columns=6, format="png", elem_id="gallery")
         inputs = [
             prompt,
             negative,
