@@ -216,6 +216,7 @@ class PipelinePair:
         c = self.case
         common = {"height": c.image_size, "width": c.image_size, "max_sequence_length": c.max_sequence_length}
         if side == "ours":
+            self.ours._prompt_cache.clear()  # encode every call, as diffusers does (bench/prompt_cache.py)
             return self.ours(
                 [prompt], steps=steps, guidance=c.guidance, seed=0, num_images=num_images, output="np",
                 progress=False, **common,

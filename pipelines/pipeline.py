@@ -31,8 +31,10 @@ largest model alone. It is slower by the transfers and gives the same images.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,9 @@ from mmdit_flow.pipelines.text import ClipEncoder, FluxTextEncoder, PromptEmbeds
 from mmdit_flow.pipelines.vae import LatentCodec, to_numpy, to_pil
 
 FLUX_PACK = 2  # Flux packs 2x2 latent patches into one token
+
+
+PROMPT_CACHE = 8  # text-embedding results kept by encode_prompt
 
 
 class TextToImagePipeline:
@@ -92,6 +97,8 @@ class TextToImagePipeline:
         self.defaults = defaults or ModelDefaults.from_json(
             None, family=self.family, native_size=native, source="(no mmdit_flow.json)"
         )
+        # the text embeddings of the last calls, keyed by prompts, length, device and the encoders' weights
+        self._prompt_cache: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
 
     # -------------------------------------------------------------------------------------- loading, saving
 
@@ -188,12 +195,30 @@ class TextToImagePipeline:
     # ------------------------------------------------------------------------------------------ encoding
 
     def encode_prompt(self, prompts: str | list[str], max_sequence_length: int | None = None) -> PromptEmbeds:
-        """Text embeddings of prompts (an empty string is allowed here: it is the unconditional prompt)."""
+        """Text embeddings of prompts (an empty string is allowed here: it is the unconditional prompt).
+
+        The last ``PROMPT_CACHE`` results are kept: a call with the same prompts (and negatives), length and
+        device while the text encoders' weights are unchanged (their tensors and in-place versions, so a LoRA
+        merged into an encoder counts as a change) reuses them, the same numbers without running the
+        encoders (a seeds loop over one prompt encodes it once)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         models = [m for m in self.components.text_encoders.values()]
+        tensors = [t for m in models for t in (*m.parameters(), *m.buffers())]
+        key = (tuple(prompts), max_sequence_length, str(self.device), self.dtype)
+        key += tuple((id(t), t._version) for t in tensors)
+        hit = self._prompt_cache.get(key)
+        # an id is only an identity while its tensor lives: the entry's weak references say it still does
+        if hit is not None and all(ref() is not None for ref in hit[1]):
+            self._prompt_cache.move_to_end(key)
+            return PromptEmbeds(hit[0].txt.clone(), hit[0].vec.clone())  # callers may change theirs in place
         with self._on_device(*models):
             embeds = self.text.encode(prompts, max_sequence_length)
-        return embeds.to(device=self.device)
+        embeds = embeds.to(device=self.device)
+        refs = [weakref.ref(t) for t in tensors]
+        self._prompt_cache[key] = (PromptEmbeds(embeds.txt.clone(), embeds.vec.clone()), refs)
+        while len(self._prompt_cache) > PROMPT_CACHE:
+            self._prompt_cache.popitem(last=False)
+        return embeds
 
     def _embeddings(self, prompts, negatives, given: checks.GivenEmbeds, guided: bool, max_len) -> tuple:
         """(cond, uncond or None), each [B, ...]: one encoder batch holds the prompts and the negatives."""
