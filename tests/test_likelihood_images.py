@@ -12,7 +12,12 @@ from safetensors.torch import save_file
 from mmdit_flow.flow import GaussianPath
 from mmdit_flow.likelihood import divergence_exact, divergence_per_probe, draw_probes, log_likelihood_adaptive
 from mmdit_flow.pipelines.cli import main
-from mmdit_flow.pipelines.likelihood import encode_images, latent_likelihood
+from mmdit_flow.pipelines.likelihood import (
+    discretized_gaussian_log_prob,
+    encode_images,
+    image_bound,
+    latent_likelihood,
+)
 
 
 def _gaussian(shape: tuple[int, ...], seed: int = 0) -> GaussianPath:
@@ -157,3 +162,62 @@ def test_cli_refuses_guidance(tmp_path, capsys):
     argv = ["likelihood", "--latents", str(tmp_path / "none.safetensors"), "--prompt", "a", "--guidance", "4"]
     assert main(argv) == 2
     assert "guidance must be 1" in capsys.readouterr().err
+
+
+def test_discretized_gaussian_is_a_distribution_over_256_levels():
+    levels = torch.arange(256, dtype=torch.float64) / 255
+    for mean, sigma in ((-0.2, 0.01), (0.5, 0.03), (0.37, 0.001), (1.1, 0.5), (0.9, 0.004)):
+        lp = discretized_gaussian_log_prob(levels, torch.full((256,), mean), sigma)
+        assert torch.isfinite(lp).all()
+        torch.testing.assert_close(lp.exp().sum(), torch.tensor(1.0, dtype=torch.float64), rtol=0, atol=1e-9)
+    # a middle bin: the plain difference of the normal CDF; a far tail bin: log_ndtr of its upper edge
+    normal = torch.distributions.Normal(torch.tensor(0.5, dtype=torch.float64), 0.03)
+    k = torch.tensor([130.0], dtype=torch.float64)
+    mass = normal.cdf((k + 0.5) / 255) - normal.cdf((k - 0.5) / 255)
+    torch.testing.assert_close(discretized_gaussian_log_prob(k / 255, torch.tensor([0.5]), 0.03), mass.log())
+    far = discretized_gaussian_log_prob(torch.tensor([0.0]), torch.tensor([0.9]), 0.01)
+    edge = torch.special.log_ndtr(torch.tensor([(0.5 / 255 - 0.9) / 0.01], dtype=torch.float64))
+    torch.testing.assert_close(far, edge)  # ~ -4000 nats, finite
+
+
+def test_image_bound_on_the_shipped_model(pipe):
+    """The bound on 8-bit images is a bound on -log2 of a probability, so >= 0 bits/dim (dropping the
+    entropy or the latent scaling's Jacobian breaks that); its entropy term equals the closed-form entropy
+    of the VAE posterior in the transformer's coordinates."""
+    from mmdit_flow.training.recipes.tiny_shapes import shapes
+
+    scenes = shapes.heldout_scenes(2)
+    images = torch.stack([torch.from_numpy(shapes.render(s)) for s in scenes]).permute(0, 3, 1, 2) / 255
+    r = image_bound(pipe, images, [shapes.caption(s) for s in scenes], samples=3, rtol=1e-2, atol=1e-2)
+    assert (r.bits_per_dim > 0).all() and (r.stderr > 0).all()
+    torch.testing.assert_close(r.bits_per_dim, r.reconstruction_bits + r.latent_bits - r.entropy_bits)
+    with torch.no_grad():
+        std = pipe.codec.vae.encode(2 * images - 1).latent_dist.std
+    d_z = std[0].numel()
+    entropy = std.log().flatten(1).sum(1) + d_z * (0.5 * math.log(2 * math.pi * math.e))
+    entropy = entropy + d_z * math.log(pipe.codec.scaling_factor)
+    torch.testing.assert_close(r.entropy_bits, entropy / (r.dim * math.log(2)), rtol=0, atol=5e-3)
+    # measured: about 5.5 bits/dim at pixel_sigma 0.03, nearly all of it the reconstruction term
+    assert (r.reconstruction_bits > 4).all() and (r.bits_per_dim < 8).all()
+
+
+def test_cli_image_bound_equals_the_api(pipe, tmp_path, capsys):
+    from PIL import Image
+
+    from mmdit_flow.training.recipes.tiny_shapes import shapes
+
+    scenes = shapes.heldout_scenes(2)
+    files = [str(tmp_path / f"{i}.png") for i in range(2)]
+    for f, s in zip(files, scenes, strict=True):
+        Image.fromarray(shapes.render(s)).save(f)
+    out = tmp_path / "r.json"
+    argv = ["likelihood", "--image", *files, "--bound", "--rtol", "1e-2", "--atol", "1e-2"]
+    argv += ["--json", str(out)]
+    argv += [x for s in scenes for x in ("--prompt", shapes.caption(s))]
+    assert main(argv) == 0
+    assert "upper bound" in capsys.readouterr().out
+    got = json.loads(out.read_text())["image_bound"]
+    images = torch.stack([torch.from_numpy(shapes.render(s)) for s in scenes]).permute(0, 3, 1, 2) / 255
+    api = image_bound(pipe, images, [shapes.caption(s) for s in scenes], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(torch.tensor(got["bits_per_dim"]), api.bits_per_dim, rtol=0, atol=1e-5)
+    assert got["pixel_sigma"] == 0.03 and got["samples"] == 2
