@@ -4,8 +4,10 @@ real browser (headless Chromium driven by playwright)."""
 from __future__ import annotations
 
 import importlib.util
+import io
 import shutil
 import socket
+from urllib.parse import urljoin
 
 import numpy as np
 import pytest
@@ -188,14 +190,45 @@ def test_the_page_streams_each_steps_preview_then_the_image(server, studio):
     assert status == "**Error:** steps must be positive, got 0" and parameters is None
 
 
+@needs_gradio
+def test_requests_at_once_are_queued_and_all_served(server, studio):
+    from gradio_client import Client
+
+    client = Client(server, verbose=False)
+    before = len(studio.gallery)
+    seeds = (21, 22, 23)
+    jobs = [
+        client.submit(
+            PROMPT,
+            "",
+            "shipped:tiny-shapes",
+            2,
+            4.0,
+            seed,
+            64,
+            64,
+            "euler",
+            None,
+            None,
+            0.6,
+            api_name="/generate",
+        )
+        for seed in seeds
+    ]
+    assert sorted(job.result()[2]["seed"] for job in jobs) == list(seeds)
+    assert (
+        sorted(p["seed"] for _, p in studio.gallery[:3]) == list(seeds) and len(studio.gallery) == before + 3
+    )
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 HAS_PLAYWRIGHT = importlib.util.find_spec("playwright") is not None
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium)")
 @pytest.mark.skipif(not HAS_PLAYWRIGHT, reason="playwright is not installed (pip install playwright)")
-def test_the_page_generates_in_a_real_browser(server, tmp_path):
-    from playwright.sync_api import sync_playwright
+def test_the_page_generates_in_a_real_browser(server, studio, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
@@ -208,16 +241,22 @@ def test_the_page_generates_in_a_real_browser(server, tmp_path):
             page.locator("#generate").click()
             page.locator("#status").get_by_text("done in").wait_for(timeout=60_000)
             img = page.locator("#result img")
-            img.wait_for(timeout=30_000)
-            assert page.evaluate("e => e.complete && e.naturalWidth", img.element_handle()) == 64
-            page.locator("#gallery img").first.wait_for(timeout=30_000)
-            assert (
-                "seed 5" in page.locator("#gallery").inner_text() or page.locator("#gallery img").count() >= 1
+            expect(img).to_be_visible(timeout=30_000)
+            # decode() loads the (lazy) image and fails for a broken one
+            assert img.evaluate("e => e.decode().then(() => [e.naturalWidth, e.naturalHeight])") == [64, 64]
+            expect(page.locator("#gallery")).to_contain_text(
+                "a red circle in the center | 4 steps, guidance 4.0, seed 5", timeout=30_000
             )
+            src = img.get_attribute("src")
+            with Image.open(io.BytesIO(page.request.get(urljoin(server + "/", src)).body())) as shown:
+                np.testing.assert_array_equal(
+                    np.asarray(shown.convert("RGB")), np.asarray(studio.gallery[0][0])
+                )
+            assert studio.gallery[0][1]["seed"] == 5
             page.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
             # bad input is answered on the page, and the server keeps serving
             page.locator("#steps input").fill("0")
             page.locator("#generate").click()
-            page.locator("#status").get_by_text("steps must be positive").wait_for(timeout=30_000)
+            expect(page.locator("#status")).to_contain_text("steps must be positive, got 0", timeout=30_000)
         finally:
             browser.close()
