@@ -221,6 +221,39 @@ def test_requests_at_once_are_queued_and_all_served(server, studio):
     )
 
 
+@needs_gradio
+def test_the_page_inpaints_uploaded_files(server, pipe, tmp_path):
+    """An image and a mask uploaded to the page (RGBA PNG files, as browsers send them) are inpainted as the
+    pipeline inpaints them."""
+    from gradio_client import Client, handle_file
+
+    source = Image.new("RGBA", (64, 64), (200, 30, 30, 255))
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((255, 255, 255, 255), (16, 16, 48, 48))
+    source.save(tmp_path / "in.png")
+    mask.save(tmp_path / "mask.png")
+    client = Client(server, verbose=False)
+    png, status, parameters, _ = client.predict(
+        PROMPT,
+        "",
+        "shipped:tiny-shapes",
+        2,
+        4.0,
+        9,
+        64,
+        64,
+        "euler",
+        handle_file(str(tmp_path / "in.png")),
+        handle_file(str(tmp_path / "mask.png")),
+        0.9,
+        api_name="/generate",
+    )
+    assert status.startswith("done in") and (parameters["edit"], parameters["strength"]) == ("inpaint", 0.9)
+    expected = pipe(PROMPT, steps=2, seed=9, image=source, mask_image=mask, strength=0.9, progress=False)
+    with Image.open(png) as shown:
+        np.testing.assert_array_equal(np.asarray(shown.convert("RGB")), np.asarray(expected))
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 HAS_PLAYWRIGHT = importlib.util.find_spec("playwright") is not None
 
