@@ -16,6 +16,7 @@ network must not mix samples (no batch norm in training mode).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from mmdit_flow import sampling
 from mmdit_flow.flow import VelocityFn
 
 PROBES = ("rademacher", "gaussian")
+FEW_STEPS = 8  # log_likelihood warns on fixed grids with fewer steps than this
 
 
 def divergence_exact(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -109,6 +111,14 @@ def log_likelihood(
     else:
         if steps < 1:
             raise ValueError(f"steps must be >= 1; got {steps}")
+        if steps < FEW_STEPS:
+            warnings.warn(
+                f"log_likelihood on a fixed grid of {steps} step(s): few-step solves give values far from "
+                f"the true log-density; use adaptive=True (or at least {FEW_STEPS} rk4 steps, checked for "
+                "convergence)",
+                UserWarning,
+                stacklevel=2,
+            )
         z1 = sampling.solve(field, z0, torch.linspace(0.0, 1.0, steps + 1), method=method, **cond)
     return _log_normal(z1[:, :dim]) + z1[:, dim]
 

@@ -221,3 +221,15 @@ def test_cli_image_bound_equals_the_api(pipe, tmp_path, capsys):
     api = image_bound(pipe, images, [shapes.caption(s) for s in scenes], rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(torch.tensor(got["bits_per_dim"]), api.bits_per_dim, rtol=0, atol=1e-5)
     assert got["pixel_sigma"] == 0.03 and got["samples"] == 2
+
+
+def test_a_few_step_grid_warns_and_is_far_off():
+    from mmdit_flow.likelihood import log_likelihood
+
+    path = _gaussian((4,), seed=4)
+    x0 = path.sample(8, generator=torch.Generator().manual_seed(5))
+    with pytest.warns(UserWarning, match="few-step"):
+        one = log_likelihood(path.velocity, x0, steps=1, method="euler")
+    adaptive = log_likelihood_adaptive(path.velocity, x0, rtol=1e-6, atol=1e-6).log_prob
+    torch.testing.assert_close(adaptive, path.log_prob(x0), rtol=0, atol=1e-3)
+    assert (one - path.log_prob(x0)).abs().mean() > 0.1  # measured: far off at 1 Euler step
