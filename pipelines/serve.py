@@ -282,20 +282,55 @@ def caption(parameters: dict[str, Any]) -> str:
 
 def build_app(studio: Studio, show_preview: bool = True) -> Any:
     """The Gradio page over ``studio`` (needs the serve extra)."""
+    import itertools
     import queue
+    import tempfile
+    from pathlib import Path
 
     import gradio as gr
 
-    d = studio.pipe.defaults
+    from mmdit_flow.weights.io import atomic_path
 
-    def gallery_items() -> list[tuple[Any, str]]:
-        return [(image, caption(p)) for image, p in studio.gallery]
+    d = studio.pipe.defaults
+    # Every image goes to the page as a PNG file of its own, written once (atomically). Gradio caches a PIL
+    # image by its content and rewrites that file in place each time it is sent, so an image sent twice (the
+    # gallery, the last step's preview) could be read half-written by the browser.
+    folder = Path(tempfile.mkdtemp(prefix="mmdit-flow-serve-"))
+    names = itertools.count()
+    files: dict[int, tuple[Any, str]] = {}  # id(image) -> (image, its file) for the gallery's images
+    previews: list[Path] = []  # the last request's preview files, removed when the next one starts
+    lock = threading.Lock()
+
+    def to_file(image: Any) -> str:
+        path = folder / f"{next(names):06d}.png"
+        with atomic_path(path) as tmp:
+            image.save(tmp, format="PNG")
+        return str(path)
+
+    def gallery_items() -> list[tuple[str, str]]:
+        with lock:
+            entries = {}
+            for image, _ in studio.gallery:
+                entry = files.get(id(image))
+                entries[id(image)] = (
+                    entry if entry is not None and entry[0] is image else (image, to_file(image))
+                )
+            for key in files.keys() - entries.keys():  # left the gallery
+                Path(files[key][1]).unlink(missing_ok=True)
+            files.clear()
+            files.update(entries)
+            return [(files[id(image)][1], caption(p)) for image, p in studio.gallery]
 
     def run(prompt, negative, model, steps, guidance, seed, height, width, sampler, image, mask, strength):
         updates: queue.Queue = queue.Queue()
+        for path in previews:
+            path.unlink(missing_ok=True)
+        previews.clear()
 
         def preview(i: int, n: int, img: Any) -> None:
-            updates.put((img, f"step {i} / {n}"))
+            if i < n:  # the last step's preview is the finished image
+                previews.append(Path(to_file(img)))
+                updates.put((str(previews[-1]), f"step {i} / {n}"))
 
         result: list[Result] = []
 
@@ -329,7 +364,8 @@ def build_app(studio: Studio, show_preview: bool = True) -> Any:
             return
         p = res.parameters
         status = f"done in {p['seconds']} s (seed {p['seed']})"
-        yield res.image, status, p, gallery_items()
+        items = gallery_items()
+        yield items[0][0], status, p, items
 
     with gr.Blocks(title="mmdit-flow", analytics_enabled=False) as app:
         gr.Markdown("# mmdit-flow\nType a prompt and press Generate. Blank fields take the model's defaults.")
@@ -355,11 +391,11 @@ def build_app(studio: Studio, show_preview: bool = True) -> Any:
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
                 result = gr.Image(
-                    label="Image", type="pil", format="png", interactive=False, height=384, elem_id="result"
+                    label="Image", type="filepath", interactive=False, height=384, elem_id="result"
                 )
                 status = gr.Markdown(elem_id="status")
                 parameters = gr.JSON(label="Parameters", elem_id="parameters")
-        gallery = gr.Gallery(gallery_items(), label="Gallery", columns=6, format="png", elem_id="gallery")
+        gallery = gr.Gallery(gallery_items(), label="Gallery", columns=6, elem_id="gallery")
         inputs = [
             prompt,
             negative,
