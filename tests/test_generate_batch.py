@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from mmdit_flow.pipelines import generate
 from mmdit_flow.pipelines.cli import main
 from mmdit_flow.pipelines.generate_cli import read_metadata
 from mmdit_flow.pipelines.parameters import DEMO_MODEL, GenerationParameters, resolved_settings
+from tests.train_helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -55,12 +55,6 @@ def make_jobs(pipe, prompts_file, seed=10, **given):
         prompt="", negative=None, seed=0, sampler="euler", model=DEMO_MODEL, **settings
     )
     return generate.plan(generate.read_prompts(str(prompts_file)), base, seed)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def pixels(path):

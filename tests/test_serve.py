@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import io
 import shutil
-import socket
 from urllib.parse import urljoin
 
 import numpy as np
@@ -17,6 +16,7 @@ from PIL import Image
 from mmdit_flow.pipelines import TextToImagePipeline
 from mmdit_flow.pipelines.cli import COMMANDS, main
 from mmdit_flow.pipelines.serve import Studio, caption
+from tests.train_helpers import free_port
 
 PROMPT = "a red circle in the center"
 HAS_GRADIO = importlib.util.find_spec("gradio") is not None
@@ -148,12 +148,6 @@ def test_serve_without_gradio_says_how_to_install_it(monkeypatch, capsys):
     assert "pip install 'mmdit-flow[serve]'" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(studio):
     """The page served on localhost from a thread of this process."""
@@ -162,7 +156,7 @@ def server(studio):
     from mmdit_flow.pipelines.serve import build_app, launch
 
     app = build_app(studio)
-    port = _free_port()
+    port = free_port()
     launch(app, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}"
     app.close()

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from mmdit_flow.training.config import save_config
 from mmdit_flow.training.trainer import train
-from tests.train_helpers import make_cache, tiny_config, tiny_model
+from tests.train_helpers import free_port, make_cache, tiny_config, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = textwrap.dedent(
@@ -50,7 +50,8 @@ def test_two_processes_match_one(tmp_path):
     # accelerate's own CPU multi-process launch needs mpirun; torchrun + ACCELERATE_USE_CPU gives the same
     # MULTI_CPU (gloo) state that `accelerate launch --multi_gpu` gives on GPUs
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    port = str(free_port())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            str(tmp_path / "run.py"), str(tmp_path / "two.yaml")]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
