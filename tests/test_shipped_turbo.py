@@ -12,14 +12,10 @@ import pytest
 import torch
 
 import mmdit_flow.weights
+from tests.test_shipped_model import MIN_ACCURACY, PROMPTS, SIMPLE, T5_TOKENS  # the teacher's checks and bar
 
 FOLDER = Path(mmdit_flow.weights.__file__).parent / "tiny-shapes-turbo"
 TEACHER = FOLDER.parent / "tiny-shapes"
-PROMPTS = [
-    "a large red circle on the left",
-    "a small cyan square above a large orange triangle on a black background",
-]
-T5_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
@@ -64,18 +60,6 @@ def test_diffusers_loads_the_folder_and_makes_the_same_images(pipe):
     theirs = ref(PROMPTS, num_inference_steps=4, guidance_scale=1.0, output_type="np", **kw).images
     assert np.abs(ours - theirs).max() <= 1e-3
     assert ours.std() > 0.05  # not a blank image
-
-
-# Simple one-object captions with training-split colour-shape pairs (as tests/test_shipped_model.py).
-SIMPLE = [
-    "a large red circle in the center on a white background",
-    "a large blue square on the left on a black background",
-    "a large green triangle at the top on a gray background",
-    "a large yellow circle on the right on a black background",
-    "a large purple square at the bottom on a white background",
-    "a large orange triangle in the center on a gray background",
-]
-MIN_ACCURACY = 0.9  # the teacher's bar at 28 steps with CFG; docs/quality.md has the benchmark
 
 
 @pytest.mark.parametrize("steps", [1, 4])
