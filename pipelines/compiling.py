@@ -1,0 +1,87 @@
+"""Regional compilation of a transformer: ``torch.compile`` of each repeated block, in place.
+
+    blocks = compile_blocks(model)          # SD3: the joint blocks; Flux: the double and single blocks
+
+Every block is compiled with ``nn.Module.compile`` (state-dict keys and parameters unchanged). All blocks of
+one class run the same code, and dynamo treats a block's parameters as inputs, so the blocks of a class share
+the compiled graphs: compiling costs a few graphs per class, not one per block (diffusers'
+``compile_repeated_blocks`` does the same for Flux; for SD3 it raises, its class lists no repeated blocks).
+The blocks between them are most of the forward; the embedders, the final layer and the solver stay eager.
+
+Shapes: ``dynamic=True`` (the default here) traces the batch and the token counts as symbols. A pipeline
+call runs batch n (one forward a step) or 2 n (classifier-free guidance: cond and uncond in one batch), with
+n = prompts x images, at a token count set by the image size; static shapes would compile again for every
+new n and size. Dynamo still specialises a dimension of size 1 (PyTorch's 0/1 specialisation), so batch 1
+gets its own graph: each block class compiles twice in all (batch 1 and batch >= 2), once per variant of the
+class (SD3's last block, whose text stream has no queries and no MLP, and Flux's last single block are
+variants). ``dynamic=False`` compiles one graph per batch and size instead, each specialised; on the CPU we
+measured no speed difference between the two (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+BLOCK_LISTS = {"sd3": ("blocks",), "flux": ("double_blocks", "single_blocks")}
+BACKENDS = ("inductor", "aot_eager", "eager")  # eager / aot_eager: tracing only, no code generation
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileReport:
+    """What ``TextToImagePipeline.compile`` did: blocks compiled, graphs made and the seconds it took."""
+
+    blocks: int  # transformer blocks compiled in place
+    graphs: int  # graphs dynamo compiled during the warm-up (0 without a warm-up)
+    seconds: float  # wall time of the warm-up calls: tracing, code generation and the calls themselves
+
+    def __str__(self) -> str:
+        return f"compiled {self.blocks} blocks into {self.graphs} graphs in {self.seconds:.1f} s"
+
+
+def repeated_blocks(model: nn.Module, family: str) -> list[nn.Module]:
+    """The transformer's repeated blocks, in forward order."""
+    if family not in BLOCK_LISTS:
+        raise ValueError(f"unknown model family {family!r}; choose one of {', '.join(BLOCK_LISTS)}")
+    return [block for name in BLOCK_LISTS[family] for block in getattr(model, name)]
+
+
+def compile_blocks(
+    model: nn.Module,
+    family: str,
+    *,
+    dynamic: bool | None = True,
+    backend: str = "inductor",
+    mode: str | None = None,
+) -> int:
+    """``torch.compile`` each repeated block of ``model`` in place; returns how many. Compiling happens on
+    the first call of each block variant and shape (see the module docstring for ``dynamic``)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown compile backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if dynamic not in (True, False, None):
+        raise ValueError(f"dynamic must be True, False or None, got {dynamic!r}")
+    blocks = repeated_blocks(model, family)
+    for block in blocks:
+        block.compile(backend=backend, dynamic=dynamic, mode=mode)
+    return len(blocks)
+
+
+def compiled_graphs() -> int:
+    """How many graphs dynamo has compiled in this process (every frame it compiled, recompiles included)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def timed_warmup(calls: list[Callable[[], object]]) -> tuple[int, float]:
+    """(graphs compiled, seconds) while running ``calls``: the compile cost of the shapes they cover."""
+    graphs = compiled_graphs()
+    start = time.perf_counter()
+    with torch.no_grad():
+        for call in calls:
+            call()
+    return compiled_graphs() - graphs, time.perf_counter() - start
