@@ -1,0 +1,148 @@
+"""Captioned emoji (tiny_emoji.emoji_set) and their judge (tiny_emoji.judge).
+
+Tests that need the Noto Color Emoji font and Unicode's emoji-test.txt skip when they are absent
+(``python -m mmdit_flow.training.recipes.tiny_emoji install`` installs both); nothing is downloaded here.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mmdit_flow.training.recipes.tiny_emoji import emoji_set as E
+
+MISSING = E.available()
+needs_font = pytest.mark.skipif(MISSING is not None, reason=f"emoji data absent: {MISSING}")
+
+
+def test_cldr_names_become_caption_names():
+    assert E.caption_name("flag: Japan") == "flag of japan"
+    assert E.caption_name("keycap: 1") == "keycap 1"
+    assert E.caption_name("A button (blood type)") == "a button blood type"
+    assert E.caption_name("piñata") == "pinata"
+    assert E.caption_name("family: man, woman, boy") == "family man woman boy"
+    assert (
+        E.phrase("apple", "a picture of {a} {name}", "orange")
+        == "a picture of an apple on an orange background"
+    )
+
+
+def test_missing_font_names_the_package_and_the_variable(monkeypatch, tmp_path):
+    monkeypatch.setenv(E.FONT_ENV, str(tmp_path / "nope.ttf"))
+    with pytest.raises(E.EmojiDataMissing, match=E.FONT_ENV):
+        E.font_path()
+    monkeypatch.delenv(E.FONT_ENV)
+    monkeypatch.setattr(E, "FONT_PATHS", (str(tmp_path / "absent.ttf"),))
+    with pytest.raises(E.EmojiDataMissing, match="apt-get install fonts-noto-color-emoji"):
+        E.font_path()
+
+
+def test_phrasings_of_the_splits_are_disjoint():
+    train, val, held = (set(E.TEMPLATES[s]) for s in E.SPLITS)
+    assert not (train & val) and not (train & held) and not (val & held)
+
+
+@needs_font
+def test_catalogue_has_one_picture_per_emoji_and_unique_names():
+    cat = E.catalogue()
+    assert 1800 < len(cat) < 2000
+    assert not any(set(e.char) & {chr(int(t, 16)) for t in E.SKIN_TONES} for e in cat)
+    names = [n for e in cat for n in e.names]
+    assert len(names) == len(set(names))  # every caption names one emoji
+    by = E.by_name()
+    assert by["cat"].char == "\U0001f408" and by["cat face"].char == "\U0001f431"
+    assert "cat" not in by["cat face"].aliases  # the alias is another emoji's name
+    assert by["apple"].name == "red apple"  # an alias kept
+    assert {e.category for e in cat} == set(E.GROUPS.values())
+
+
+@needs_font
+def test_samples_are_deterministic_and_render_what_they_say():
+    a, b = E.sample_at(123, seed=3, split="heldout"), E.sample_at(123, seed=3, split="heldout")
+    assert a == b and a != E.sample_at(123, seed=4, split="heldout")
+    assert a.emoji == 123 % len(E.catalogue()) and a.template in E.TEMPLATES["heldout"]
+    for i in range(40):
+        s = E.sample_at(i * 47, seed=1)
+        img = E.render(s).astype(int)
+        bg = np.array(E.BACKGROUNDS[s.background])
+        assert (img[0, 0] == bg).all() and (img[-1, -1] == bg).all()
+        ys, xs = np.nonzero(np.abs(img - bg).max(2) > 8)
+        side = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
+        assert abs(side - s.extent * 64) <= 2.5  # the longer side is the sample's extent
+        if (ys.max() - ys.min()) > 0.9 * side and (xs.max() - xs.min()) > 0.9 * side:  # a full-box picture
+            assert abs((xs.min() + xs.max() + 1) / 2 - s.x * 64) <= 1.5
+            assert abs((ys.min() + ys.max() + 1) / 2 - s.y * 64) <= 1.5
+        text = E.caption(s)
+        assert text.endswith(f"on {E.article(s.background)} {s.background} background") == s.show_background
+
+
+@needs_font
+def test_captions_parse_back_to_their_emoji():
+    from mmdit_flow.training.recipes.tiny_emoji.judge import parse_caption
+
+    for split in E.SPLITS:
+        for i in range(0, 1870, 7):
+            s = E.sample_at(i, split=split)
+            assert parse_caption(E.caption(s)) == s.emoji, E.caption(s)
+    assert parse_caption("A Red Apple.") == E.by_name()["red apple"].index
+    with pytest.raises(ValueError, match="names no emoji"):
+        parse_caption("a purple unicorn spaceship")
+
+
+@needs_font
+def test_identical_pictures_count_as_one_and_only_those():
+    from mmdit_flow.training.recipes.tiny_emoji.judge import picture_classes
+
+    same, by = picture_classes(), E.by_name()
+    assert same[by["flag of france"].index] == same[by["flag of clipperton island"].index]
+    assert same[by["flag of romania"].index] != same[by["flag of chad"].index]  # alike, not the same
+    assert len(set(same.tolist())) > len(same) - 20
+
+
+@needs_font
+def test_judge_finds_fresh_renders_and_not_noise_or_shuffled_pairs():
+    from mmdit_flow.training.recipes.tiny_emoji import judge
+
+    rng = np.random.default_rng(0)
+    picks = rng.choice(len(E.catalogue()), 300, replace=False)
+    samples = [E.sample_at(int(i) + 7 * len(E.catalogue()), seed=5, split="validation") for i in picks]
+    ranked = judge.retrieve([E.render(s) for s in samples])
+    targets = [s.emoji for s in samples]
+    right = judge.score(ranked, targets)
+    assert right.top1 >= 0.99 and right.top5 >= 0.995
+    shuffled = judge.score(ranked, list(np.roll(targets, 1)))
+    assert shuffled.top1 <= 0.01
+    noise = rng.integers(0, 256, (60, 64, 64, 3), dtype=np.uint8)
+    assert judge.score(judge.retrieve(list(noise)), targets[:60]).top5 <= 0.05
+    # captions in, the same answer out, per category too
+    result = judge.evaluate([E.render(s) for s in samples[:50]], [E.caption(s) for s in samples[:50]])
+    assert result.top1 == pytest.approx(np.mean([h for h, _ in right.hits[:50]]))
+    assert sum(n for n, _, _ in result.per_category.values()) == 50
+
+
+@needs_font
+def test_eval_cli_scores_an_emoji_folder(tmp_path, capsys):
+    from mmdit_flow.pipelines.cli import main
+
+    E.write_dataset(tmp_path / "imgs", 12, split="heldout")
+    assert (tmp_path / "imgs" / "LICENSE.txt").read_text().startswith("Pictures: Noto Color Emoji")
+    assert main(["eval", str(tmp_path / "imgs"), "--task", "emoji", "--json", str(tmp_path / "r.json")]) == 0
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert out["n_images"] == 12 and out["top1"] == 1.0 and len(out["files"]) == 12
+    assert "all" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "imgs")]) == 2
+    assert "--task emoji" in capsys.readouterr().err
+
+
+@needs_font
+def test_committed_common_list_is_what_the_ranking_gives():
+    pytest.importorskip("wordfreq", reason="the ranking needs wordfreq (pip install wordfreq)")
+    from mmdit_flow.training.recipes.tiny_emoji import common
+
+    committed = common.committed_common()
+    assert [e.index for e in committed] == [e.index for e in common.common_emoji(300)]
+    assert {e.category for e in committed} <= set(common.COMMON_CATEGORIES)
+    names = {e.name for e in committed}
+    assert {"cat", "dog", "pizza", "red apple", "rocket", "house"} <= names
