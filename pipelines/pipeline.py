@@ -55,6 +55,7 @@ from mmdit_flow.pipelines.edit import ImageEdit
 from mmdit_flow.pipelines.loading import Components, default_device_dtype, demo_folder, load_components
 from mmdit_flow.pipelines.text import ClipEncoder, FluxTextEncoder, PromptEmbeds, SD3TextEncoder, T5Encoder
 from mmdit_flow.pipelines.vae import LatentCodec, to_numpy, to_pil
+from mmdit_flow.step_cache import CacheConfig, cache_config
 
 FLUX_PACK = 2  # Flux packs 2x2 latent patches into one token
 logger = logging.getLogger(__name__)
@@ -227,6 +228,17 @@ class TextToImagePipeline:
         from mmdit_flow.weights.lora import load_lora
 
         load_lora(self.transformer, path, scale, weight_name=weight_name, allow_pickle=allow_pickle)
+
+    def enable_step_cache(self, threshold: float | None = None, *, config: CacheConfig | None = None) -> None:
+        """Lossy step caching (``mmdit_flow/step_cache.py``, docs/generating.md): the first-block cache at
+        ``threshold`` (default 0.1), or ``config`` (``FirstBlockCacheConfig`` or ``TaylorSeerCacheConfig``).
+        Every call starts afresh; what it skipped is logged and kept in
+        ``pipe.transformer.step_cache.stats``."""
+        self.transformer.enable_cache(cache_config(threshold, config))
+
+    def disable_step_cache(self) -> None:
+        """Every block at every step again."""
+        self.transformer.disable_cache()
 
     def set_vae_tiling(self, enabled: bool = True) -> None:
         """Decode tile by tile: bounded memory for large images; seams are blended, pixels change slightly."""
@@ -481,6 +493,9 @@ class TextToImagePipeline:
 
         from tqdm.auto import tqdm
 
+        cache = self.transformer.step_cache  # when enabled: a new trajectory, nothing kept from the last call
+        if cache is not None:
+            cache.reset()
         with tqdm(total=len(ts) - 1, disable=not progress, desc="sampling") as bar:
 
             def step_done(i: int, t: float, state: torch.Tensor) -> None:
@@ -493,6 +508,8 @@ class TextToImagePipeline:
                     z = solve(fn, x, ts, method=sampler, callback=step_done, **kwargs)
                 else:
                     z = edit.integrate(start, fn, ts, method=sampler, callback=step_done, **kwargs)
+        if cache is not None:
+            logger.info("%s", cache.stats)
 
         if output == "latent":
             return z

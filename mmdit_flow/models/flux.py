@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from mmdit_flow.attention import AttentionBackendMixin
 from mmdit_flow.models.flux_layers import DoubleStreamBlock, LastLayer, Rope, SingleStreamBlock, rope
 from mmdit_flow.models.layers import MLPEmbedder, timestep_embedding
+from mmdit_flow.step_cache import StepCacheMixin
 
 ROPE_THETA = 10000.0
 TIME_EMBED_DIM = 256  # sinusoidal features fed to time_in and guidance_in
@@ -117,12 +118,15 @@ def position_ids(txt_len: int, h: int, w: int, device: torch.device | None = Non
     return torch.cat([txt_ids, img_ids], dim=0)
 
 
-class FluxTransformer(AttentionBackendMixin, nn.Module):
+class FluxTransformer(StepCacheMixin, AttentionBackendMixin, nn.Module):
     """The Flux velocity network v(x, t, txt, vec[, guidance]); see the module docstring for the interface.
 
     ``attention_backend`` ("sdpa" | "math" | "xformers" | "reference") can be changed after construction; set
     ``gradient_checkpointing = True`` to recompute each block in the backward pass instead of storing it.
+    ``model.enable_cache(config)`` turns on lossy step caching for sampling (``mmdit_flow.step_cache``).
     """
+
+    cache_block_lists = ("double_blocks", "single_blocks")
 
     def __init__(self, config: FluxConfig, *, attention_backend: str = "sdpa"):
         super().__init__()
@@ -184,19 +188,40 @@ class FluxTransformer(AttentionBackendMixin, nn.Module):
         pe = rope(
             position_ids(txt.shape[1], H // 2, W // 2, device=x.device), self.config.axes_dim, ROPE_THETA
         )
+        if self.step_cache is None:
+            img = self._run_blocks(self.double_blocks, self.single_blocks, img, txt, cond, pe)
+        else:  # lossy reuse of earlier steps (mmdit_flow/step_cache.py)
+            head, tail = self.double_blocks[:1], self.double_blocks[1:]
+            img = self.step_cache(
+                t, img, txt,
+                head=lambda img, txt: self._run_double(head, img, txt, cond, pe),
+                tail=lambda img, txt: self._run_blocks(tail, self.single_blocks, img, txt, cond, pe),
+            )  # fmt: skip
+        return unpack(self.final_layer(img, cond), H, W).to(x.dtype)
 
-        for block in self.double_blocks:
+    def _run_double(
+        self, blocks: nn.ModuleList, img, txt, cond, pe: Rope
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """img and txt after the given double-stream blocks."""
+        for block in blocks:
             img, txt = self._run(block, img, txt, cond, pe)
-        if len(self.single_blocks):
+        return img, txt
+
+    def _run_blocks(
+        self, double: nn.ModuleList, single: nn.ModuleList, img, txt, cond, pe: Rope
+    ) -> torch.Tensor:
+        """The image tokens after the given double-stream blocks and then the single-stream ones."""
+        img, txt = self._run_double(double, img, txt, cond, pe)
+        if len(single):
             L = txt.shape[1]
             joint = torch.cat([txt, img], dim=1)  # [B, L + N, D]
             del txt, img
-            for block in self.single_blocks[:-1]:
+            for block in single[:-1]:
                 joint = self._run(block, joint, cond, pe)
             # the text outputs of the last block are never read: it returns the image tokens only
-            img = self._run(self.single_blocks[-1], joint, cond, pe, keep_from=L)
+            img = self._run(single[-1], joint, cond, pe, keep_from=L)
             del joint
-        return unpack(self.final_layer(img, cond), H, W).to(x.dtype)
+        return img
 
     def _run(self, block: nn.Module, *args: torch.Tensor | Rope, **kwargs: int):
         """Call a block, through activation checkpointing when it is on and gradients are being recorded."""

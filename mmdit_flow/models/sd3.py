@@ -34,6 +34,7 @@ from mmdit_flow.models.layers import (
     timestep_embedding,
 )
 from mmdit_flow.models.patch import PatchEmbed, crop_table, sincos_2d_table, unpatchify
+from mmdit_flow.step_cache import StepCacheMixin
 
 TIME_DIM = 256  # width of the sinusoidal timestep features fed to t_embedder
 QK_NORMS = (None, "rms_norm")
@@ -274,12 +275,15 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(layer_norm(x), shift, scale))
 
 
-class SD3Transformer(AttentionBackendMixin, nn.Module):
+class SD3Transformer(StepCacheMixin, AttentionBackendMixin, nn.Module):
     """SD3 / SD3.5 MMDiT: ``model(x, t, txt, vec) -> v``, the velocity for latents ``x`` at flow time ``t``.
 
     Set ``model.gradient_checkpointing = True`` to recompute each block in the backward pass, and
-    ``model.attention_backend`` to one of ``mmdit_flow.attention.BACKENDS``.
+    ``model.attention_backend`` to one of ``mmdit_flow.attention.BACKENDS``. ``model.enable_cache(config)``
+    turns on lossy step caching for sampling (``mmdit_flow.step_cache``).
     """
+
+    cache_block_lists = ("blocks",)
 
     def __init__(self, config: SD3Config, *, attention_backend: str = "sdpa"):
         super().__init__()
@@ -366,10 +370,23 @@ class SD3Transformer(AttentionBackendMixin, nn.Module):
         img = (img + crop_table(self.pos_embed, c.pos_embed_max_size, h, w)).to(dtype)
         vec = self.t_embedder(timestep_embedding(t, TIME_DIM).to(dtype)) + self.y_embedder(vec)  # [B, D]
         txt = self.context_embedder(txt)  # [B, L, D]
-        for block in self.blocks:
+        if self.step_cache is None:
+            img, _ = self._run_blocks(self.blocks, img, txt, vec)
+        else:  # lossy reuse of earlier steps (mmdit_flow/step_cache.py)
+            img = self.step_cache(
+                t, img, txt,
+                head=lambda img, txt: self._run_blocks(self.blocks[:1], img, txt, vec),
+                tail=lambda img, txt: self._run_blocks(self.blocks[1:], img, txt, vec)[0],
+            )  # fmt: skip
+        img = self.final(img, vec)  # [B, h * w, p * p * C_out]
+        return unpatchify(img, h, w, c.patch_size).to(out_dtype)
+
+    def _run_blocks(self, blocks: nn.ModuleList, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor):
+        """img and txt after the given joint blocks, through activation checkpointing when it is on and
+        gradients are being recorded (txt is None after the last block)."""
+        for block in blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 img, txt = checkpoint(block, img, txt, vec, self.attention_backend, use_reentrant=False)
             else:
                 img, txt = block(img, txt, vec, self.attention_backend)
-        img = self.final(img, vec)  # [B, h * w, p * p * C_out]
-        return unpatchify(img, h, w, c.patch_size).to(out_dtype)
+        return img, txt
