@@ -6,7 +6,7 @@ import argparse
 import shlex
 import sys
 
-HELP = "2-D lab: rectified flow, reflow, OT-CFM, distillation and DDPM/DDIM on toy data; plots and W2 tables"
+HELP = "2-D lab: rectified flow, reflow, OT-CFM, distillation, DDPM/DDIM on toy data (and SO(3)); W2 tables"
 DEFAULT_DATASETS = "two_clusters,8gaussians,moons,checkerboard,spirals"
 
 
@@ -14,7 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--datasets",
         default=DEFAULT_DATASETS,
-        help=f"comma-separated data sets (default: {DEFAULT_DATASETS})",
+        help=f"comma-separated data sets (default: {DEFAULT_DATASETS}); also so3_mixture: flows on the "
+        "rotation group SO(3) from uniform rotations to a mixture of IGSO(3) components (docs/so3.md)",
     )
     parser.add_argument("--out", default="lab-out", help="output folder (default: lab-out)")
     parser.add_argument(

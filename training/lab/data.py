@@ -10,6 +10,9 @@ transported from, so that one network width and one learning rate suit them all.
   scaled by 1.5.
 - ``checkerboard``: uniform on the black squares of a 4 x 4 board covering [-2, 2]^2.
 - ``spirals``: two interleaved Archimedean arms (radius proportional to angle, up to 2.7), noise 0.08.
+
+One more set is not 2-D: ``so3_mixture``, a mixture of IGSO(3) distributions on the rotation group, drawn and
+run by ``training.lab.so3`` (``SO3_DATASETS``; ``check_names`` accepts it, ``sample`` does not).
 """
 
 from __future__ import annotations
@@ -81,21 +84,27 @@ DATASETS: dict[str, Sampler] = {
 }
 
 
-def check_names(names: list[str]) -> list[str]:
-    """Return ``names`` unchanged, or raise ValueError naming the unknown ones and the valid choices."""
-    unknown = [name for name in names if name not in DATASETS]
+SO3_DATASETS = ("so3_mixture",)  # rotations: run by training.lab.so3, not by the 2-D pipeline
+
+
+def check_names(names: list[str], *, so3: bool = True) -> list[str]:
+    """Return ``names`` unchanged, or raise ValueError naming the unknown ones and the valid choices (the
+    SO(3) sets count as valid unless ``so3=False``)."""
+    valid = sorted(DATASETS) + (list(SO3_DATASETS) if so3 else [])
+    unknown = [name for name in names if name not in valid]
     if unknown:
-        raise ValueError(f"unknown dataset(s) {unknown}; choose from {sorted(DATASETS)}")
+        raise ValueError(f"unknown dataset(s) {unknown}; choose from {valid}")
     if not names:
-        raise ValueError(f"no dataset given; choose from {sorted(DATASETS)}")
+        raise ValueError(f"no dataset given; choose from {valid}")
     return names
 
 
 def sample(
     name: str, n: int, *, generator: torch.Generator | None = None, seed: int | None = None
 ) -> torch.Tensor:
-    """Draw ``n`` points [n, 2] (fp32, CPU) from the named data set; ``seed`` or ``generator`` fixes them."""
-    check_names([name])
+    """Draw ``n`` points [n, 2] (fp32, CPU) from the named 2-D data set; ``seed`` or ``generator`` fixes them.
+    (Rotations of ``so3_mixture``: ``training.lab.so3.sample``.)"""
+    check_names([name], so3=False)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if generator is None:

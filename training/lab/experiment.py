@@ -116,11 +116,22 @@ def _row(model: str, sampler: str, grid: str | None) -> dict[str, Any]:
 
 
 def _flow_rows(
-    nets: dict[str, torch.nn.Module], noise: torch.Tensor, test: torch.Tensor, nfes: tuple[int, ...]
+    nets: dict[str, torch.nn.Module],
+    noise: torch.Tensor,
+    test: torch.Tensor,
+    nfes: tuple[int, ...],
+    *,
+    models: tuple[str, ...] = FLOW_MODELS,
+    sample: Any = sample_flow,
+    metric: Any = w2,
+    scheduler_grid: bool = True,
 ) -> list[dict[str, Any]]:
+    """W2 (``metric``) of every (model, solver) at every budget, sampled with ``sample`` (the SO(3) lab
+    passes its own sampler and metric); with ``scheduler_grid`` also Euler on the scheduler grid."""
     rows = []
-    plan = [(m, s, "linear") for m in FLOW_MODELS for s in EVALS_PER_STEP]
-    plan += [(m, "euler", "scheduler") for m in FLOW_MODELS]  # the grid comparison (issue 2, sec. 3)
+    plan = [(m, s, "linear") for m in models for s in EVALS_PER_STEP]
+    if scheduler_grid:
+        plan += [(m, "euler", "scheduler") for m in models]  # the grid comparison (issue 2, sec. 3)
     for model, method, grid in plan:
         row, last = _row(model, method, grid), 0
         for budget in nfes:
@@ -128,10 +139,10 @@ def _flow_rows(
             if steps == last:  # cannot run in this budget, or the same run as the smaller budget (heun)
                 continue
             last = steps
-            x, used = sample_flow(nets[model], noise, method, steps, grid=grid)
+            x, used = sample(nets[model], noise, method, steps, grid=grid)
             if used > budget:
                 raise RuntimeError(f"{method} with {steps} steps used {used} > {budget} evaluations")
-            row["w2"][str(budget)], row["nfe_used"][str(budget)] = w2(x, test), used
+            row["w2"][str(budget)], row["nfe_used"][str(budget)] = metric(x, test), used
         rows.append(row)
     return rows
 
@@ -421,8 +432,12 @@ def run_lab(
     seed: int = 0,
     progress: bool = True,
     command: str = "",
+    so3_config: Any = None,
 ) -> dict[str, Any]:
     """Run every data set in turn and write the figures, ``results.json`` and ``results.md`` under ``out``.
+
+    SO(3) data sets (``data.SO3_DATASETS``) run through ``training.lab.so3`` with ``so3_config`` (an
+    ``SO3LabConfig``; default: its ``quick()`` preset when ``config.smoke``, else the full one).
 
     The tables are rewritten after every data set; on Ctrl-C (``KeyboardInterrupt``, re-raised) they are
     written once more with the finished data sets and a note naming the ones that did not run.
@@ -435,12 +450,23 @@ def run_lab(
         "threads": torch.get_num_threads(),
         "datasets": {},
     }
-    order = list(lab_data.DATASETS)
+    order = list(lab_data.DATASETS) + list(lab_data.SO3_DATASETS)
+    if any(name in lab_data.SO3_DATASETS for name in datasets):
+        from mmdit_flow.training.lab import so3 as lab_so3
+
+        if so3_config is None:
+            so3_config = lab_so3.SO3LabConfig.quick() if config.smoke else lab_so3.SO3LabConfig()
+        results["config"]["so3"] = dataclasses.asdict(so3_config)
     try:
         for name in datasets:
-            results["datasets"][name] = run_dataset(
-                name, config, seed=seed, index=order.index(name), out=out, progress=progress
-            )
+            if name in lab_data.SO3_DATASETS:
+                results["datasets"][name] = lab_so3.run_dataset(
+                    name, so3_config, seed=seed, index=order.index(name), out=out, progress=progress
+                )
+            else:
+                results["datasets"][name] = run_dataset(
+                    name, config, seed=seed, index=order.index(name), out=out, progress=progress
+                )
             results["seconds"] = round(time.perf_counter() - start, 1)
             report.write(results, out)  # after every data set: a stopped run keeps what it has
     except KeyboardInterrupt:

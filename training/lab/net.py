@@ -14,13 +14,21 @@ from mmdit_flow.models.layers import timestep_embedding
 
 
 class TimeMLP(nn.Module):
-    """f(x, t) = MLP([x, emb(t)]) with ``depth`` SiLU hidden layers of width ``hidden``; x [B, dim], t [B]."""
+    """f(x, t) = MLP([x, emb(t)]) with ``depth`` SiLU hidden layers of width ``hidden``; x [B, dim], t [B].
 
-    def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 3, time_dim: int = 64):
+    The output has ``out_dim`` features (default ``dim``): the SO(3) lab reads 9 matrix entries and returns a
+    3-vector (a body-frame velocity).
+    """
+
+    def __init__(
+        self, dim: int = 2, hidden: int = 256, depth: int = 3, time_dim: int = 64, out_dim: int | None = None
+    ):
         super().__init__()
-        if dim < 1 or hidden < 1 or depth < 1 or time_dim < 2:
+        out_dim = dim if out_dim is None else out_dim
+        if dim < 1 or hidden < 1 or depth < 1 or time_dim < 2 or out_dim < 1:
             raise ValueError(
-                f"need dim, hidden, depth >= 1 and time_dim >= 2; got {dim}, {hidden}, {depth}, {time_dim}"
+                f"need dim, hidden, depth, out_dim >= 1 and time_dim >= 2; "
+                f"got {dim}, {hidden}, {depth}, {out_dim}, {time_dim}"
             )
         self.time_dim = time_dim
         self.time_in = nn.Sequential(nn.Linear(time_dim, hidden), nn.SiLU())
@@ -28,7 +36,7 @@ class TimeMLP(nn.Module):
         layers: list[nn.Module] = []
         for _ in range(depth - 1):
             layers += [nn.SiLU(), nn.Linear(hidden, hidden)]
-        self.body = nn.Sequential(*layers, nn.SiLU(), nn.Linear(hidden, dim))
+        self.body = nn.Sequential(*layers, nn.SiLU(), nn.Linear(hidden, out_dim))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)

@@ -2,6 +2,7 @@
 
 Every function takes plain tensors and a path and writes one file; none of them trains or samples.
 A trajectory is a tensor [S + 1, N, 2]: the states of N particles at S + 1 times, from noise (t = 1) to data.
+Rotations (the SO(3) lab) are tensors [N, 3, 3].
 """
 
 from __future__ import annotations
@@ -170,3 +171,55 @@ def flow_gif(
     anim.save(path, writer=PillowWriter(fps=12), dpi=80)
     plt.close(fig)
     return path
+
+
+AXIS_COLOURS = ("tab:red", "tab:green", "tab:blue")
+
+
+def axes_on_sphere(rotations: dict[str, torch.Tensor], path: Path, *, title: str, columns: int = 3) -> Path:
+    """Rotations [N, 3, 3] drawn as the images R e_x, R e_y, R e_z of the basis vectors (the columns of R):
+    three points on the unit sphere each, in a Mollweide (equal-area) projection, one panel per label."""
+    plt = _pyplot()
+    rows = math.ceil(len(rotations) / columns)
+    fig = plt.figure(figsize=(4.2 * columns, 2.6 * rows))
+    for i, (label, r) in enumerate(rotations.items()):
+        ax = fig.add_subplot(rows, columns, i + 1, projection="mollweide")
+        r = r.detach().double()
+        for k, colour in enumerate(AXIS_COLOURS):
+            v = r[:, :, k]  # [N, 3]: the image of e_k
+            lon = torch.atan2(v[:, 1], v[:, 0])
+            lat = torch.asin(v[:, 2].clamp(-1, 1))
+            ax.scatter(lon, lat, s=1.2, c=colour, alpha=0.5, linewidths=0)
+        ax.set_xticklabels([])
+        ax.set_yticklabels([])
+        ax.grid(True, alpha=0.3)
+        ax.set_title(label, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def angle_histograms(
+    panels: list[tuple[str, dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]],
+    path: Path,
+    *,
+    title: str,
+    bins: int = 60,
+) -> Path:
+    """Density histograms of angles in [0, pi] (one step line per label) against analytic curves (w, pdf);
+    one panel per (panel title, {label: angles [N]}, {label: (w [M], density [M])})."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    for ax, (name, samples, curves) in zip(axes[0], panels, strict=True):
+        for label, angles in samples.items():
+            ax.hist(angles.detach().double().numpy(), bins=bins, range=(0, math.pi), density=True,
+                    histtype="step", linewidth=1.1, label=label)  # fmt: skip
+        for label, (w, pdf) in curves.items():
+            ax.plot(w.numpy(), pdf.numpy(), "k--", linewidth=1.2, label=label)
+        ax.set_xlim(0, math.pi)
+        ax.set_xlabel("angle w (rad)")
+        ax.set_ylabel("density")
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)

@@ -76,6 +76,8 @@ def summary_markdown(results: dict[str, Any]) -> list[str]:
         "|---|" + "---:|" * 9 + "---|",
     ]
     for name, res in results["datasets"].items():
+        if res.get("kind") == "so3":  # its own section (``so3_markdown``)
+            continue
         w = {(r["model"], r["sampler"], r["grid"]): r["w2"] for r in res["rows"]}
 
         def get(model: str, sampler: str, n: int, grid: str | None = "linear", w=w) -> str:
@@ -111,17 +113,15 @@ def write(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
         "Quality is the exact W2 distance (POT `ot.emd2`, squared-Euclidean cost, uniform weights) between "
         f"{results['config']['n_test']} samples and as many held-out data points; lower is better. "
         "NFE = network evaluations, counted. Flow models use the linear grid unless the grid column says "
-        "`scheduler`; diffusion samplers are diffusers' DDIM (eta 0) and DDPM, trailing timestep spacing.",
-        "",
-        "## Summary",
-        "",
-        *summary_markdown(results),
-        "",
-        "## Per data set",
+        "`scheduler`; diffusion samplers are diffusers' DDIM (eta 0) and DDPM, trailing timestep spacing. "
+        "SO(3) data sets use the geodesic distance instead (their own section says how).",
         "",
     ]
+    if any(res.get("kind") != "so3" for res in results["datasets"].values()):
+        lines += ["## Summary", "", *summary_markdown(results), ""]
+    lines += ["## Per data set", ""]
     for name, res in results["datasets"].items():
-        lines += dataset_markdown(name, res, nfes)
+        lines += so3_markdown(name, res) if res.get("kind") == "so3" else dataset_markdown(name, res, nfes)
     with atomic_path(md_path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     return json_path, md_path
@@ -143,4 +143,59 @@ def _status_lines(results: dict[str, Any]) -> list[str]:
             f"not run: {', '.join(results['stopped'])}.",
             "",
         ]
+    return lines
+
+
+def so3_markdown(name: str, result: dict[str, Any]) -> list[str]:
+    """The section of an SO(3) data set: W2 on SO(3) vs NFE for 1-RF and 2-RF, straightness, targets and the
+    log-likelihood of held-out rotations against the exact mixture density."""
+    sec, nfes, mix = result["seconds"], result["nfes"], result["mixture"]
+    comps = "; ".join(
+        f"{w:g} x IGSO(3)({s:g}) around exp({tuple(m)})"
+        for m, s, w in zip(mix["means"], mix["sigmas"], mix["weights"], strict=True)
+    )
+    lines = [
+        f"### {name} (rotations, SO(3))",
+        "",
+        f"Target: {comps}. Noise: uniform rotations. Quality: exact W2 on SO(3) between {result['n_test']} "
+        "samples and as many held-out target draws, ground cost the squared rotation angle between two "
+        "rotations (`so3.distance`, radians; W2 <= pi); solvers in the Lie algebra (`so3.solve`), "
+        "linear grid.",
+        "",
+        f"W2 floor (two independent target samples of the same size): {result['floor_w2']:.3f}. "
+        f"Wall time {sec['total']:.0f} s ("
+        + ", ".join(
+            f"{k} {sec[k]:.0f} s" for k in ("1-RF", "couplings", "2-RF", "evaluate", "likelihood") if k in sec
+        )
+        + ").",
+        "",
+        "| model | sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+        "|---|---|" + "---:|" * len(nfes),
+    ]
+    for row in result["rows"]:
+        lines.append(
+            f"| {row['model']} | {row['sampler']} | " + " | ".join(_cell(row, n) for n in nfes) + " |"
+        )
+    straight = ", ".join(f"{m} {v:.4f}" for m, v in result["straightness"].items())
+    lines += ["", f"Straightness (Liu et al. 2022 on SO(3); 0 = geodesic paths): {straight}.", ""]
+    for check in result["targets"].values():
+        mark = "met" if check["met"] else "MISSED"
+        lines.append(f"- {check['rule']}: {check['value']:.4g} vs {check['threshold']:.4g}: **{mark}**")
+    ll = result["log_likelihood"]
+    lines += [
+        "",
+        f"Log-likelihood of {ll['n']} held-out target rotations (nats, Riemannian volume; "
+        f"`so3.log_likelihood`, rk4, exact divergence): exact mixture {ll['exact']:.3f}, "
+        f"uniform {ll['uniform']:.3f}. "
+        "The gap exact - flow estimates KL(target || flow), +- one standard error.",
+        "",
+        "| model | rk4 steps (NFE) | mean log-likelihood | gap to exact (KL) |",
+        "|---|---:|---:|---:|",
+    ]
+    for model, by_steps in ll["models"].items():
+        for steps, v in by_steps.items():
+            lines.append(
+                f"| {model} | {steps} ({v['nfe']}) | {v['mean']:.3f} | {v['kl']:.3f} +- {v['kl_se']:.3f} |"
+            )
+    lines.append("")
     return lines
