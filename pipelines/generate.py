@@ -216,9 +216,10 @@ def _on_cpu(device: str | None) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     """Generate the prompts file's images in this process's share; the main process writes the manifest."""
-    from mmdit_flow.pipelines.generate_cli import DTYPES
+    from mmdit_flow.pipelines.generate_cli import DTYPES, check_step_cache
 
     prompts, out = check_arguments(args)
+    check_step_cache(args.step_cache)
     import torch
     from accelerate import PartialState
 
@@ -228,6 +229,8 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     device = args.device if args.device is not None else state.device
     pipe = TextToImagePipeline.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload)
+    if args.step_cache is not None:
+        pipe.enable_step_cache(args.step_cache)
     settings = resolved_settings(
         pipe,
         steps=args.steps,
@@ -242,6 +245,7 @@ def run(args: argparse.Namespace) -> int:
         seed=0,
         sampler=args.sampler or "euler",
         model=GenerationParameters.model_name(args.model),
+        step_cache=args.step_cache,
         **settings,
     )
     jobs = plan(prompts, base, 0 if args.seed is None else args.seed)

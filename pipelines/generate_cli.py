@@ -122,6 +122,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument(
+        "--step-cache",
+        type=float,
+        default=None,
+        metavar="THRESHOLD",
+        help="lossy step caching: reuse the blocks' work of earlier steps while the first block's output "
+        "changes by less than THRESHOLD (e.g. 0.1; docs/generating.md); default off",
+    )
+    parser.add_argument(
         "--image",
         default=None,
         help="start from this image file (image-to-image); the size defaults to the image's",
@@ -256,6 +264,17 @@ def open_image(path: str, flag: str) -> Image.Image:
         raise ValueError(f"{flag} {path}: cannot read the image ({err})") from err
 
 
+def check_step_cache(threshold: float | None) -> None:
+    """ValueError naming --step-cache for a threshold the first-block cache refuses."""
+    if threshold is not None:
+        from mmdit_flow.step_cache import FirstBlockCacheConfig
+
+        try:
+            FirstBlockCacheConfig(threshold)
+        except ValueError as err:
+            raise ValueError(f"--step-cache: {err}") from err
+
+
 def _edit_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """image / mask_image / strength for the pipeline from --image, --mask and --strength."""
     if args.image is None:
@@ -318,6 +337,7 @@ def _fill_from_png(args: argparse.Namespace) -> None:
         "image": params.image,
         "mask": params.mask,
         "strength": params.strength,
+        "step_cache": params.step_cache,
     }
     for name, value in recorded.items():
         if getattr(args, name) is None:
@@ -336,6 +356,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.device is not None:
         check_device(args.device)
     edit = _edit_arguments(args)
+    check_step_cache(args.step_cache)
 
     import torch
 
@@ -345,6 +366,8 @@ def _generate(args: argparse.Namespace) -> int:
     pipe = TextToImagePipeline.from_pretrained(
         args.model, device=args.device, dtype=dtype, offload=args.offload
     )
+    if args.step_cache is not None:
+        pipe.enable_step_cache(args.step_cache)
     # only what the user gave: the rest are the model's defaults
     given = {
         "steps": args.steps,
@@ -400,6 +423,7 @@ def _parameters(
                 image=None if args.image is None else str(Path(args.image).resolve()),
                 mask=None if args.mask is None else str(Path(args.mask).resolve()),
                 strength=args.strength,
+                step_cache=args.step_cache,
                 **fields,
             )
         )

@@ -7,7 +7,8 @@
 The PNG holds one international text chunk (iTXt, UTF-8, so any prompt fits) with the keyword ``mmdit-flow``
 and a JSON object: prompt, negative, steps, guidance, seed, sampler, model, height, width,
 max_sequence_length, and where they apply num_images / index (image ``index`` of a ``--num-images`` call, all
-drawn from one seed) and image / mask / strength (an edit; the paths of its input files). ``guidance`` is null
+drawn from one seed), image / mask / strength (an edit; the paths of its input files) and step_cache (the
+first-block cache threshold the image was made with). ``guidance`` is null
 for a Flux model without a guidance embedding; ``model`` is the folder's absolute path, or ``DEMO_MODEL`` for
 the shipped demo model. ``mmdit-flow generate --from-png x.png`` reads it back. Light: PIL loads on use.
 """
@@ -50,6 +51,7 @@ class GenerationParameters:
     image: str | None = None
     mask: str | None = None
     strength: float | None = None
+    step_cache: float | None = None  # the first-block cache threshold (lossy; mmdit_flow/step_cache.py)
 
     @staticmethod
     def model_name(model: str | None) -> str:

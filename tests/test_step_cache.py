@@ -326,3 +326,35 @@ def test_pipeline_step_cache(pipe, caplog):
         pipe.enable_step_cache(-1.0)
     with pytest.raises(ValueError, match="either"):
         pipe.enable_step_cache(0.1, config=TaylorSeerCacheConfig())
+
+
+def test_generate_cli_step_cache(tmp_path, capsys):
+    """`mmdit-flow generate --step-cache T` (a Flux folder) writes the cached pipeline's image, records T in
+    the PNG so that --from-png makes it again, and refuses a bad T before loading a model."""
+    import numpy as np
+    from components import flux_components
+    from PIL import Image
+
+    from mmdit_flow.pipelines import TextToImagePipeline
+    from mmdit_flow.pipelines.cli import main
+    from mmdit_flow.pipelines.parameters import GenerationParameters
+
+    folder = save_diffusers_folder(flux_components(), tmp_path / "flux")
+    argv = ["generate", "a cat", "--model", str(folder), "--steps", "4", "--seed", "0", "--height", "16"]
+    argv += ["--width", "16", "--no-progress", "--device", "cpu", "--dtype", "fp32", "--step-cache", "1e9"]
+    assert main([*argv, "-o", str(tmp_path / "a.png")]) == 0
+    pipe = TextToImagePipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    call = {"steps": 4, "seed": 0, "height": 16, "width": 16, "progress": False}
+    plain = np.asarray(pipe("a cat", **call))
+    pipe.enable_step_cache(1e9)
+    cached = np.asarray(pipe("a cat", **call))
+    assert pipe.transformer.step_cache.stats.blocks_skipped == 3  # 1 double + 1 single block, steps 1-3
+    written = np.asarray(Image.open(tmp_path / "a.png"))
+    np.testing.assert_array_equal(written, cached)
+    assert np.abs(written.astype(int) - plain).max() > 0
+    assert GenerationParameters.from_png(tmp_path / "a.png").step_cache == 1e9
+    assert main(["generate", "--from-png", str(tmp_path / "a.png"), "-o", str(tmp_path / "b.png")]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "b.png")), cached)
+    capsys.readouterr()
+    assert main([*argv[:-1], "-1", "-o", str(tmp_path / "c.png")]) == 2
+    assert "--step-cache: step cache threshold must be a number >= 0" in capsys.readouterr().err
