@@ -220,3 +220,31 @@ def test_unknown_dataset_names_list_the_so3_set():
         main(["lab", "--quick", "--datasets", "so3_mix"])
     with pytest.raises(ValueError, match="unknown dataset"):
         data.sample("so3_mixture", 10)  # rotations are not 2-D points
+
+
+def test_training_is_fixed_by_the_generator_not_by_the_global_rng():
+    """torch seeds its global RNG at random per process: the lab's initial weights come from the training
+    generator, so one --seed gives one model (SO(3) and 2-D alike)."""
+    from mmdit_flow.training.lab import train
+
+    cfg = LabTrainConfig(steps=5, batch=32, hidden=16, depth=1)
+
+    def weights(global_seed: int, fn):
+        torch.manual_seed(global_seed)
+        net = fn(torch.Generator().manual_seed(7))
+        return torch.cat([p.detach().flatten() for p in net.parameters()])
+
+    def so3_flow(g):
+        return lab_so3.train_rectified_flow(MIX, cfg, generator=g, progress=False)
+
+    def plane_flow(g):
+        return train.train_rectified_flow(
+            lambda n, g: torch.randn(n, 2, generator=g), cfg, generator=g, progress=False
+        )
+
+    for fn in (so3_flow, plane_flow):
+        assert torch.equal(weights(1, fn), weights(2, fn))
+    before = torch.random.get_rng_state()
+    cfg.make_net(torch.Generator().manual_seed(0))
+    assert torch.equal(torch.random.get_rng_state(), before)  # the global RNG is left alone
+    assert not torch.equal(weights(1, so3_flow), weights(1, lambda g: so3_flow(g.manual_seed(8))))

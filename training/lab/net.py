@@ -7,6 +7,8 @@ Time enters through the project's sinusoidal ``timestep_embedding`` (t in [0, 1]
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -48,3 +50,15 @@ class TimeMLP(nn.Module):
             )
         h = self.x_in(x) + self.time_in(timestep_embedding(t, self.time_dim).to(x.dtype))
         return self.body(h)
+
+
+def seeded_init(build: Callable[[], nn.Module], generator: torch.Generator | None) -> nn.Module:
+    """``build()`` with its initial weights drawn from a seed taken from ``generator`` (the global RNG is left
+    as it was); with no generator, from the global RNG. torch seeds its global RNG at random in each process,
+    so without this two runs with one ``--seed`` would start from different weights."""
+    if generator is None:
+        return build()
+    seed = int(torch.randint(0, 2**62, (), generator=generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()

@@ -30,7 +30,7 @@ from torch import nn
 from mmdit_flow import so3
 from mmdit_flow.training.lab import experiment, train
 from mmdit_flow.training.lab.metrics import w2_so3
-from mmdit_flow.training.lab.net import TimeMLP
+from mmdit_flow.training.lab.net import TimeMLP, seeded_init
 from mmdit_flow.training.lab.train import LabTrainConfig
 
 MODELS = ("1-RF", "2-RF")
@@ -146,8 +146,9 @@ class RotationVelocity(nn.Module):
         return self.net(r.reshape(r.shape[0], 9).float(), t).to(r.dtype)
 
 
-def make_net(config: LabTrainConfig) -> RotationVelocity:
-    return RotationVelocity(hidden=config.hidden, depth=config.depth)
+def make_net(config: LabTrainConfig, generator: torch.Generator | None = None) -> RotationVelocity:
+    """A fresh velocity network, its weights drawn from ``generator`` when given (``net.seeded_init``)."""
+    return seeded_init(lambda: RotationVelocity(hidden=config.hidden, depth=config.depth), generator)
 
 
 def train_rectified_flow(
@@ -159,7 +160,7 @@ def train_rectified_flow(
     def loss_fn(net: torch.nn.Module, g: torch.Generator) -> torch.Tensor:
         return so3.cfm_loss(net, mixture.sample(config.batch, g), generator=g, scheme=config.scheme)
 
-    net = make_net(config)
+    net = make_net(config, generator)
     train.fit(net, loss_fn, config, generator=generator, desc=desc, progress=progress)
     return net
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from mmdit_flow.training.lab.data import Sampler
-from mmdit_flow.training.lab.net import TimeMLP
+from mmdit_flow.training.lab.net import TimeMLP, seeded_init
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,9 @@ class LabTrainConfig:
                 f"got {self.steps}, {self.batch}, {self.lr}, {self.ot_batch}"
             )
 
-    def make_net(self) -> TimeMLP:
-        return TimeMLP(dim=2, hidden=self.hidden, depth=self.depth)
+    def make_net(self, generator: torch.Generator | None = None) -> TimeMLP:
+        """A fresh 2-D network, its weights drawn from ``generator`` when given (``net.seeded_init``)."""
+        return seeded_init(lambda: TimeMLP(dim=2, hidden=self.hidden, depth=self.depth), generator)
 
 
 LossFn = Callable[[torch.nn.Module, torch.Generator], torch.Tensor]
@@ -102,7 +103,7 @@ def train_rectified_flow(
     def loss_fn(net: torch.nn.Module, g: torch.Generator) -> torch.Tensor:
         return cfm_loss(net, data(config.batch, g), generator=g, scheme=config.scheme)
 
-    net = config.make_net()
+    net = config.make_net(generator)
     fit(net, loss_fn, config, generator=generator, desc=desc, progress=progress)
     return net
 
@@ -128,7 +129,7 @@ def train_ot_cfm(
         ]
         return cfm_loss(net, x0, noise=torch.cat(paired), generator=g, scheme=config.scheme)
 
-    net = config.make_net()
+    net = config.make_net(generator)
     fit(net, loss_fn, config, generator=generator, desc=desc, progress=progress)
     return net
 
@@ -209,6 +210,6 @@ def train_ddpm(
     def loss_fn(net: torch.nn.Module, g: torch.Generator) -> torch.Tensor:
         return ddpm_loss(net, data(config.batch, g), scheduler, generator=g)
 
-    net = config.make_net()
+    net = config.make_net(generator)
     fit(net, loss_fn, config, generator=generator, desc=desc, progress=progress)
     return net
