@@ -130,7 +130,13 @@ def trained_t5_encoder(
 
 
 def build_text_encoders(
-    out_dir: str | Path, seed: int = 0, t5: text_train.T5TrainConfig | None = None
+    out_dir: str | Path,
+    seed: int = 0,
+    t5: text_train.T5TrainConfig | None = None,
+    *,
+    texts: Sequence[str] | None = None,
+    prompt_tokens: int = PROMPT_TOKENS,
+    train_t5: bool = True,
 ) -> dict[str, Any]:
     """Write the three tokenizers and the three text encoders into ``out_dir`` (SD3 layout).
 
@@ -139,15 +145,22 @@ def build_text_encoders(
     with the same thread count. Returns the folder of each component by its SD3 name, and under ``"t5"``
     what the tagger's training measured
     (:class:`~mmdit_flow.training.recipes.tiny_shapes.text_train.TaggerResult`).
+
+    Another recipe passes its own caption corpus (``texts``, for the tokenizers), the tokenizers' length
+    (``prompt_tokens``) and ``train_t5=False`` (the tagger knows captioned shapes only): the T5 then stays
+    random from ``seed + 2`` and ``"t5"`` is None.
     """
     from transformers import CLIPTokenizer, T5TokenizerFast
 
     out = Path(out_dir)
-    folders = tokenizers.save_tokenizers(out, clip_length=PROMPT_TOKENS, t5_length=PROMPT_TOKENS)
+    folders = tokenizers.save_tokenizers(out, texts, clip_length=prompt_tokens, t5_length=prompt_tokens)
     tok_l = CLIPTokenizer.from_pretrained(folders.clip_l)
     tok_g = CLIPTokenizer.from_pretrained(folders.clip_g)
     tok_t5 = T5TokenizerFast.from_pretrained(folders.t5)
-    t5_model, t5_result = trained_t5_encoder(tok_t5, seed, t5)
+    if train_t5:
+        t5_model, t5_result = trained_t5_encoder(tok_t5, seed, t5)
+    else:
+        t5_model, t5_result = _t5_encoder(tok_t5, T5, seed + 2), None
     models = (_clip_encoder(tok_l, CLIP_L, seed), _clip_encoder(tok_g, CLIP_G, seed + 1), t5_model)
     paths: dict[str, Any] = {
         "tokenizer": folders.clip_l,

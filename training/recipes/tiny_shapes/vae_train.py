@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -150,6 +151,9 @@ def shapes_batch(start: int, n: int, *, seed: int = 0, split: str = "train", siz
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # [n, H, W, 3] -> [n, 3, H, W]
 
 
+ImageBatches = Callable[..., torch.Tensor]  # (start, n, *, seed) -> float32 [n, 3, H, W] in [-1, 1]
+
+
 def random_crops(x: torch.Tensor, crop: int, generator: torch.Generator) -> torch.Tensor:
     """One random ``crop`` x ``crop`` window per image of ``x`` [B, C, H, W], at any pixel offset."""
     b, _, h, w = x.shape
@@ -187,8 +191,15 @@ def _lr_at(step: int, cfg: VAETrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_vae_model(vae: AutoencoderKL, cfg: VAETrainConfig, *, log_every: int = 50) -> VAEMetrics:
-    """Train ``vae`` in place on crops of training-split scenes, then store shift / scale in its config."""
+def train_vae_model(
+    vae: AutoencoderKL, cfg: VAETrainConfig, *, log_every: int = 50, images: ImageBatches | None = None
+) -> VAEMetrics:
+    """Train ``vae`` in place on crops of training-split scenes, then store shift / scale in its config.
+
+    ``images(start, n, seed)`` gives the training images ``start .. start + n - 1`` (float32 [n, 3, H, W]
+    in [-1, 1]); captioned shapes (:func:`shapes_batch`) by default, another recipe passes its own.
+    """
+    images = images or shapes_batch
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     vae.train()
@@ -196,7 +207,7 @@ def train_vae_model(vae: AutoencoderKL, cfg: VAETrainConfig, *, log_every: int =
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        x = random_crops(shapes_batch(step * cfg.batch_size, cfg.batch_size, seed=cfg.seed), cfg.crop, gen)
+        x = random_crops(images(step * cfg.batch_size, cfg.batch_size, seed=cfg.seed), cfg.crop, gen)
         loss = vae_loss(vae, x, cfg, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -213,7 +224,7 @@ def train_vae_model(vae: AutoencoderKL, cfg: VAETrainConfig, *, log_every: int =
             )
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     vae.eval()
-    shift, scale = fit_normalization(vae, cfg.stats_images, seed=cfg.seed)
+    shift, scale = fit_normalization(vae, cfg.stats_images, seed=cfg.seed, images=images)
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     params = sum(p.numel() for p in vae.parameters())
     return VAEMetrics(cfg.steps, wall, cpu, float(loss_ema), shift, scale, params, history)
@@ -226,10 +237,12 @@ def encode_means(vae: AutoencoderKL, x: torch.Tensor, batch: int = 64) -> torch.
 
 
 @torch.no_grad()
-def fit_normalization(vae: AutoencoderKL, n_images: int, *, seed: int = 0) -> tuple[float, float]:
+def fit_normalization(
+    vae: AutoencoderKL, n_images: int, *, seed: int = 0, images: ImageBatches | None = None
+) -> tuple[float, float]:
     """SD3's latent normalisation from ``n_images`` training scenes (taken after the training stream):
     shift = mean(z), scale = 1 / std(z) over every element of the posterior means."""
-    x = shapes_batch(10**7, n_images, seed=seed)  # scenes far past those the training loop drew
+    x = (images or shapes_batch)(10**7, n_images, seed=seed)  # images far past those the training loop drew
     z = encode_means(vae, x)
     return float(z.mean()), float(1.0 / z.std())
 
