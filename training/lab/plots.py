@@ -108,12 +108,19 @@ def paths(trajs: dict[str, torch.Tensor], path: Path, *, title: str, count: int 
     return _save(fig, path)
 
 
-def quality_vs_nfe(rows: list[dict[str, Any]], floor: float, path: Path, *, title: str) -> Path:
+def quality_vs_nfe(
+    rows: list[dict[str, Any]],
+    floor: float,
+    path: Path,
+    *,
+    title: str,
+    models_title: str = "models (Euler, linear grid) vs diffusion",
+) -> Path:
     """W2 against function evaluations (log axes): solvers on 1-RF; models with Euler vs diffusion."""
     plt = _pyplot()
     panels = {
         "solvers on 1-rectified flow": [r for r in rows if r["model"] == "1-RF"],
-        "models (Euler, linear grid) vs diffusion": [
+        models_title: [
             r for r in rows if (r["sampler"] == "euler" and r["grid"] == "linear") or r["model"] == "DDPM"
         ],
     }
