@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU benchmark, ready for an H200 (about 4 minutes in all): ours vs diffusers, in bf16 on one CUDA device.
+# GPU benchmark, ready for an H200 (about 5 minutes in all): ours vs diffusers, in bf16 on one CUDA device.
 #
 #   bash bench/gpu.sh              # full run (needs CUDA)
 #   bash bench/gpu.sh --smoke      # CPU, fp32, tiny sizes: checks that every case runs (about a minute)
@@ -14,7 +14,9 @@
 #             image tokens + 512 T5 tokens, guidance embedding, batch 1
 #   pipeline  end to end (prompt encoding, 28 Euler steps with CFG 7, VAE decoding) at 512^2: our
 #             TextToImagePipeline vs diffusers' StableDiffusion3Pipeline on the same mid-size random SD3
-#             folder (12 blocks of width 768, 8x VAE, small random text encoders), built offline
+#             folder (12 blocks of width 768, 8x VAE, small random text encoders), built offline; eager, then
+#             each side's best lossless path (ours: pipe.compile() and its prompt cache; diffusers: the
+#             regional compile of its transformer blocks; both bf16), compile time and images vs eager logged
 # For sd3 and flux it prints, per mode (eager, then torch.compile over each block), the median milliseconds
 # per forward of ours and of diffusers, the achieved TFLOP/s (FLOPs per forward counted from the config, as a
 # share of the 989 TFLOP/s dense bf16 peak) and the speed-up; first the ours-vs-diffusers relative error on

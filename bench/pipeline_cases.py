@@ -10,13 +10,17 @@ generator on both, so the images can be compared on any device.
 | sd3-tiny | 2 blocks, width 16 | 2x, 4 channels | 16 (proj. 8), 24 (16), 48 | 32 px |
 | sd3-small | 6 blocks, width 128 | as tiny | as tiny | 64 px |
 | sd3-mid | 12 blocks, width 768, 16 x 64 x 64 latents | SD3-like 8x, 16 channels | 768, 1280, 2048 | 512 px |
+| sd3-small-real | 4 blocks, width 512, 1024 + 154 tokens | 2x, 16 channels | 768, 1280, 4096 | 128 px |
 | sd3-shipped | the shipped tiny-shapes model (weights/tiny-shapes), as it is | | | 64 px |
 | flux-tiny | 1 + 1 blocks, width 32 | 2x, 4 channels | 16, -, 32 | 32 px |
 | flux-small | 2 + 4 blocks, width 128 | as tiny | as tiny | 64 px |
+| flux-small-real | 2 + 4 blocks, width 512, 1024 + 512 tokens | 2x, 16 channels | 768, -, 4096 | 128 px |
 
 The random sets take their tokenizers from the shipped model (its vocabulary, at the released checkpoints'
 lengths: CLIP 77, T5 512): nothing is downloaded, and the prompt is one of its captions. The text encoders
-have 3 (CLIP) and 2 (T5) layers; "sd3-mid" (0.3 B parameters) is the GPU's case.
+have 3 (CLIP) and 2 (T5) layers; "sd3-mid" (0.3 B parameters) is the GPU's case. The "small-real" cases
+have the transformer shapes and text widths of bench/cases.py's small real size behind a 2x VAE, so that
+decoding (the same code on both sides) does not hide the transformer.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from cases import random_diffusers_transformer
+from cases import SIZES, random_diffusers_transformer
 
 from mmdit_flow.models.flux import FluxConfig
 from mmdit_flow.models.sd3 import SD3Config
@@ -152,6 +156,9 @@ _SD3_MID_VAE = dict(  # SD3's layout at a quarter of the width
     widths=(64, 128, 256, 256), latent_channels=16, layers_per_block=2, norm_num_groups=32, sample_size=512,
     scaling=1.5305, shift=0.0609, force_upcast=False,  # both pipelines decode in the run dtype
 )
+_REAL_VAE = dict(_TINY_VAE, latent_channels=16, sample_size=128)  # 2x: 16 x 64 x 64 latents at 128 px
+_SD3_REAL_VAE = dict(_REAL_VAE, scaling=1.5305, shift=0.0609)
+_FLUX_REAL_VAE = dict(_REAL_VAE, scaling=0.3611, shift=0.1159)
 # fmt: on
 
 
@@ -199,6 +206,22 @@ CASES: dict[str, PipelineCase] = {
         "sd3", 512, 7.0, 256, lambda: sd3_components(_SD3_MID, (768, 768, 1280, 1280), 2048, **_SD3_MID_VAE)
     ),
     "sd3-shipped": PipelineCase("sd3", 64, 4.0, 32, None),
+    "sd3-small-real": PipelineCase(
+        "sd3",
+        128,
+        5.0,
+        77,
+        lambda: sd3_components(
+            SIZES["sd3"]["small"].config, (768, 768, 1280, 1280), 4096, **_SD3_REAL_VAE
+        ),  # fmt: skip
+    ),
+    "flux-small-real": PipelineCase(
+        "flux",
+        128,
+        3.5,
+        512,
+        lambda: flux_components(SIZES["flux"]["small"].config, **_FLUX_REAL_VAE),
+    ),
 }
 
 
@@ -211,12 +234,17 @@ class PipelinePair:
     ours: Any  # mmdit_flow.pipelines.TextToImagePipeline
     theirs: Any  # diffusers.StableDiffusion3Pipeline | FluxPipeline
 
-    def run(self, side: str, *, steps: int, num_images: int = 1, prompt: str = PROMPT) -> np.ndarray:
-        """float32 images [N, H, W, 3] in [0, 1] of one call of ``side`` ("ours" | "diffusers"), seed 0."""
+    def run(
+        self, side: str, *, steps: int, num_images: int = 1, prompt: str = PROMPT, prompt_cache: bool = False
+    ) -> np.ndarray:
+        """float32 images [N, H, W, 3] in [0, 1] of one call of ``side`` ("ours" | "diffusers"), seed 0.
+        Ours encodes the prompt in every call, as diffusers does, unless ``prompt_cache`` lets it reuse the
+        last call's embeddings (bench/prompt_cache.py)."""
         c = self.case
         common = {"height": c.image_size, "width": c.image_size, "max_sequence_length": c.max_sequence_length}
         if side == "ours":
-            self.ours._prompt_cache.clear()  # encode every call, as diffusers does (bench/prompt_cache.py)
+            if not prompt_cache:
+                self.ours._prompt_cache.clear()
             return self.ours(
                 [prompt], steps=steps, guidance=c.guidance, seed=0, num_images=num_images, output="np",
                 progress=False, **common,
@@ -227,6 +255,17 @@ class PipelinePair:
             [prompt], num_inference_steps=steps, guidance_scale=c.guidance, num_images_per_prompt=num_images,
             generator=torch.Generator().manual_seed(0), output_type="np", **common,
         ).images  # fmt: skip
+
+
+def compile_diffusers(pipe: Any, family: str, backend: str = "inductor") -> None:
+    """diffusers' regional compile of its transformer, in place: its own ``compile_repeated_blocks`` for
+    Flux, the same loop over ``transformer_blocks`` for SD3 (whose class lists no repeated blocks, so
+    ``compile_repeated_blocks`` raises)."""
+    if family == "flux":
+        pipe.transformer.compile_repeated_blocks(backend=backend)
+    else:
+        for block in pipe.transformer.transformer_blocks:
+            block.compile(backend=backend)
 
 
 def save_folder(components: dict, path: Path) -> Path:

@@ -12,10 +12,12 @@ Shapes: ``dynamic=True`` (the default here) traces the batch and the token count
 call runs batch n (one forward a step) or 2 n (classifier-free guidance: cond and uncond in one batch), with
 n = prompts x images, at a token count set by the image size; static shapes would compile again for every
 new n and size. Dynamo still specialises a dimension of size 1 (PyTorch's 0/1 specialisation), so batch 1
-gets its own graph: each block class compiles twice in all (batch 1 and batch >= 2), once per variant of the
-class (SD3's last block, whose text stream has no queries and no MLP, and Flux's last single block are
-variants). ``dynamic=False`` compiles one graph per batch and size instead, each specialised; on the CPU we
-measured no speed difference between the two (docs/benchmarks.md).
+gets graphs of its own. Graphs per batch class (1, or >= 2): one per block variant, where a variant is a
+different module layout (SD3's last block, whose text stream has no queries and no MLP; Flux's last single
+block, which keeps the image rows only) or a different kind of input (the first block of a list gets views
+of the embedders' outputs, which dynamo guards with their base tensors; later blocks get plain tensors).
+So SD3 compiles 3 graphs a batch class (2 for a 2-block model) and Flux 4, whatever the depth, and nothing
+more afterwards. ``dynamic=False`` compiles one set per batch and size instead, each specialised.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def test_no_recompiles_after_the_warmup_and_images_equal_eager(family, tmp_path)
     report = pipe.compile()
     n_blocks = 2  # SD3: two joint blocks (the last is pre-only); Flux: one double and one single block
     assert report.blocks == n_blocks and report.seconds > 0
-    # per block variant one graph at batch 1 and one (symbolic) at batch >= 2
+    # per block variant (here: first block, last block) one graph at batch 1 and one (symbolic) at batch >= 2
     assert report.graphs == 2 * n_blocks, report
     after_warmup = compiled_graphs()
     compiled = _images(pipe, calls)
