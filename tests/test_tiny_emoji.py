@@ -146,3 +146,31 @@ def test_committed_common_list_is_what_the_ranking_gives():
     assert {e.category for e in committed} <= set(common.COMMON_CATEGORIES)
     names = {e.name for e in committed}
     assert {"cat", "dog", "pizza", "red apple", "rocket", "house"} <= names
+
+
+@needs_font
+def test_corpus_and_vocabulary_hold_every_name_and_no_held_out_word():
+    from mmdit_flow.training.recipes.tiny_emoji import components, ship
+
+    corpus = set(components.caption_corpus())
+    for e in E.catalogue()[::37]:
+        for name in e.names:
+            assert {E.phrase(name, t) for t in E.TEMPLATES["train"]} <= corpus
+    assert not any(
+        text.startswith(("a drawing of", "an image showing", "a small picture of")) for text in corpus
+    )
+    vocab = set(ship.vocabulary())
+    assert {"cat", "pizza", "rocket", "background", "emoji", "icon"} <= vocab
+    assert {"drawing", "image"}.isdisjoint(vocab)
+
+
+@needs_font
+def test_written_defaults_are_what_the_pipeline_reads(tmp_path):
+    from mmdit_flow.pipelines.defaults import FILE, ModelDefaults
+    from mmdit_flow.training.recipes.tiny_emoji import ship
+
+    ship.write_defaults(tmp_path, {"guidance": 3.0})
+    data = json.loads((tmp_path / FILE).read_text())
+    d = ModelDefaults.from_json(data, family="sd3", native_size=64, source=str(tmp_path / FILE))
+    assert (d.steps, d.guidance, d.height, d.width) == (28, 3.0, 64, 64)
+    assert d.unknown_words(["a drawing of a cat on a blue background"]) == ["drawing"]

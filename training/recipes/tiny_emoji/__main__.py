@@ -15,6 +15,17 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["components"]:
+        from mmdit_flow.training.recipes.tiny_emoji import components
+
+        components.main(argv[1:])
+        return 0
+    if argv[:1] and argv[0] in ("prepare", "config", "assemble"):
+        from mmdit_flow.training.recipes.tiny_emoji import ship
+
+        ship.main(argv)
+        return 0
     parser = argparse.ArgumentParser(
         prog="python -m mmdit_flow.training.recipes.tiny_emoji", description="The tiny-emoji recipe."
     )
@@ -31,6 +42,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     judge.add_argument("--noise", type=int, default=500, help="uniform-noise images")
     common = sub.add_parser("common", help="the 300 common object and animal emoji")
     common.add_argument("--write", action="store_true", help="rewrite common300.txt (needs wordfreq)")
+    for name, text in (
+        ("components", "tokenizers, text encoders, VAE"),
+        ("prepare", "training data + staging"),
+        ("config", "the training config's path"),
+        ("assemble", "the shippable folder"),
+    ):
+        sub.add_parser(name, help=f"{text} (COMMAND --help)", add_help=False)
     args = parser.parse_args(argv)
 
     from mmdit_flow.training.recipes.tiny_emoji import emoji_set

@@ -3,7 +3,8 @@
 The builders are tiny-shapes' (:mod:`mmdit_flow.training.recipes.tiny_shapes.components`), given this data:
 
 * the tokenizers learn the words of :func:`caption_corpus` (every name and alias of every emoji in every
-  training phrasing, and every stated background), so a word of a held-out phrasing is one they never saw;
+  training phrasing, and every stated background); the held-out phrasings bring two words they never
+  saw, "drawing" and "image" (the validation phrasing none);
 * the CLIP encoders are random (seeds ``seed``, ``seed + 1``) and the T5 is random (``seed + 2``);
 * the VAE (16 latent channels, downsampling 4, as tiny-shapes') trains on rendered training-split samples
   and is judged by :func:`evaluate_vae`: PSNR, and the emoji judge's top-1 on its reconstructions of
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -110,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it)")
     parser.add_argument("--report", type=Path, default=None, help="also write the measurements here")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     report = build_components(args.out, seed=args.seed, vae_steps=args.vae_steps)
     text = json.dumps(report, indent=1)
