@@ -48,7 +48,9 @@ def bench_case(name: str, steps: int, repeats: int, images: int) -> dict:
     return {"case": name, "ours_ms": o, "diffusers_ms": d, "speedup": speedup.value, "max_diff": diff}
 
 
-def bench_best(name: str, steps: int, repeats: int, images: int, dtype: torch.dtype) -> dict:
+def bench_best(
+    name: str, steps: int, repeats: int, images: int, dtype: torch.dtype, prompt_cache: bool = True
+) -> dict:
     """ms per image of each side's best lossless path, the speed-up, and each side's images against ours
     in fp32 eager."""
     import time
@@ -61,7 +63,7 @@ def bench_best(name: str, steps: int, repeats: int, images: int, dtype: torch.dt
     report = pair.ours.compile()
     compile_diffusers(pair.theirs, pair.case.family)
     runs = {
-        "ours": lambda: pair.run("ours", steps=steps, num_images=images, prompt_cache=True),
+        "ours": lambda: pair.run("ours", steps=steps, num_images=images, prompt_cache=prompt_cache),
         "diffusers": lambda: pair.run("diffusers", steps=steps, num_images=images),
     }
     first, diffs = {}, {}
@@ -73,8 +75,9 @@ def bench_best(name: str, steps: int, repeats: int, images: int, dtype: torch.dt
     timings = interleaved(runs, rounds=repeats, warmup=0)
     o, d = (1e3 * timings.median(side) / images for side in SIDES)
     speedup = timings.ratio("diffusers", "ours")
+    setting = f"{str(dtype).replace('torch.', '')}, {'' if prompt_cache else 'no '}prompt cache"
     print(
-        f"{name:15s} {pair.case.image_size:4d}px {str(dtype).replace('torch.', '')}  ours {o:8.1f} ms/img  "
+        f"{name:15s} {pair.case.image_size:4d}px {setting}  ours {o:8.1f} ms/img  "
         f"diffusers {d:8.1f} ms/img  speed-up {speedup}\n"
         f"{'':15s} ours: {report}, first call {first['ours']:.1f} s; diffusers: first call (compiling) "
         f"{first['diffusers']:.1f} s\n{'':15s} |image - ours fp32 eager| max / mean: ours "
@@ -93,6 +96,9 @@ def main() -> None:
     parser.add_argument("--cases", nargs="*", default=DEFAULT_CASES, choices=list(CASES))
     parser.add_argument("--best", action="store_true", help="each side's best lossless path (see above)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="with --best")
+    parser.add_argument(
+        "--no-prompt-cache", action="store_true", help="with --best: ours encodes every call, as diffusers"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -103,7 +109,8 @@ def main() -> None:
     )
     for name in args.cases:
         if args.best:
-            bench_best(name, args.steps, args.repeats, args.images, getattr(torch, args.dtype))
+            dtype = getattr(torch, args.dtype)
+            bench_best(name, args.steps, args.repeats, args.images, dtype, not args.no_prompt_cache)
         else:
             bench_case(name, args.steps, args.repeats, args.images)
 
