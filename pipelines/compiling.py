@@ -18,6 +18,7 @@ block, which keeps the image rows only) or a different kind of input (the first 
 of the embedders' outputs, which dynamo guards with their base tensors; later blocks get plain tensors).
 So SD3 compiles 3 graphs a batch class (2 for a 2-block model) and Flux 4, whatever the depth, and nothing
 more afterwards. ``dynamic=False`` compiles one set per batch and size instead, each specialised.
+``compile_blocks`` raises dynamo's per-function graph limit to ``RECOMPILE_LIMIT`` (see there).
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ from torch import nn
 
 BLOCK_LISTS = {"sd3": ("blocks",), "flux": ("double_blocks", "single_blocks")}
 BACKENDS = ("inductor", "aot_eager", "eager")  # eager / aot_eager: tracing only, no code generation
+# dynamo keeps at most ``recompile_limit`` graphs per code object (8 by default), then runs it eager. All
+# blocks of a class share one code object: one Flux model already needs 8 (4 variants x 2 batch classes), and
+# each further dtype, device or model in the process adds its own
+RECOMPILE_LIMIT = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +72,7 @@ def compile_blocks(
     if dynamic not in (True, False, None):
         raise ValueError(f"dynamic must be True, False or None, got {dynamic!r}")
     blocks = repeated_blocks(model, family)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for block in blocks:
         block.compile(backend=backend, dynamic=dynamic, mode=mode)
     return len(blocks)

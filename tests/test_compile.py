@@ -75,3 +75,19 @@ def test_from_pretrained_compiles_and_bad_options_name_the_argument(tmp_path):
     with pytest.raises(ValueError, match="dynamic"):
         pipe.compile(dynamic="batch")
     torch._dynamo.reset()
+
+
+def test_more_graphs_than_dynamos_default_limit_still_compile(tmp_path):
+    """Three dtypes of one 2-block SD3 make 12 graphs of one block class, past dynamo's default limit of 8
+    graphs per function (after which it would run the blocks eager)."""
+    from mmdit_flow.pipelines import TextToImagePipeline
+
+    folder = save_diffusers_folder(sd3_components(t5=False), tmp_path / "sd3")
+    pipe = TextToImagePipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    torch._dynamo.reset()
+    graphs = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        pipe.to(dtype)
+        graphs.append(pipe.compile(backend="eager").graphs)  # eager backend: tracing only, fast
+    assert graphs == [4, 4, 4]
+    torch._dynamo.reset()
