@@ -14,6 +14,8 @@ self CPU time of every op (time inside the op, not in the ops it calls). Ops fal
 
 The floor is the GEMM + attention share: what is left to win at fp32 parity without changing kernels. The
 profiler itself adds a little time to every op call, which weighs most on the small ops of "the rest".
+``--compile`` profiles both sides with their blocks compiled (inductor, regional; compiled before timing):
+inductor's fused pointwise code then shows as the self time of "## Call CompiledFxGraph" entries.
 """
 
 from __future__ import annotations
@@ -55,13 +57,18 @@ def self_times(run, forwards: int) -> dict[str, float]:
     return {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages() if e.self_cpu_time_total > 0}
 
 
-def report(family: str, size: str, forwards: int, top: int) -> dict[str, dict[str, float]]:
+def report(family: str, size: str, forwards: int, top: int, compile: bool) -> dict[str, dict[str, float]]:
     case = build_case(family, size)
     err = case.relative_error()
     if err > 1e-4:
         raise RuntimeError(f"ours and diffusers disagree: relative error {err:.2e}")
+    if compile:
+        for side in SIDES:
+            for block in case.blocks(side):
+                block.compile()
     threads = torch.get_num_threads()
-    print(f"\n{family} {size}: {forwards} forwards, fp32, {threads} thread(s), relative error {err:.1e}")
+    mode = "compiled blocks" if compile else "eager"
+    print(f"\n{family} {size}, {mode}: {forwards} forwards, fp32, {threads} thread(s), rel. error {err:.1e}")
     shares = {}
     for side in SIDES:
         times = self_times(lambda side=side: case.run(side), forwards)
@@ -78,7 +85,7 @@ def report(family: str, size: str, forwards: int, top: int) -> dict[str, dict[st
         )
         rest = sorted(((ms, op) for op, ms in times.items() if group(op) == "rest"), reverse=True)
         for ms, op in rest[:top]:
-            print(f"      {op:44s} {ms / forwards:7.2f} ms  {100 * ms / total:5.2f}%")
+            print(f"      {op[:44]:44s} {ms / forwards:7.2f} ms  {100 * ms / total:5.2f}%")
     return shares
 
 
@@ -91,11 +98,12 @@ def main() -> None:
     parser.add_argument("--forwards", type=int, default=3)
     parser.add_argument("--top", type=int, default=10, help="ops of the rest to list")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="compile each side's blocks first")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
     for family in ("sd3", "flux") if args.family == "both" else (args.family,):
-        report(family, args.size, args.forwards, args.top)
+        report(family, args.size, args.forwards, args.top, args.compile)
 
 
 if __name__ == "__main__":
