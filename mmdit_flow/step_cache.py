@@ -12,7 +12,8 @@ the image tokens changes little from one step to the next. Two policies skip the
   ``warmup`` forwards run in full, then one in every ``interval``; in between, the residual of the whole
   stack (image tokens after the last block minus those entering the first) is extrapolated in t by the
   polynomial of degree ``order`` through the last ``order + 1`` full forwards (Newton's divided
-  differences), and no block runs.
+  differences; order 0 reuses the last full forward's residual as it is), and no block runs. The variable
+  is t, not the step index: shifted grids are far from uniform in t.
 
 Glossary: ``head`` the first block, ``tail`` the blocks after it; ``probe`` the residual the head adds to
 the image tokens; a "full" forward runs every block.
@@ -94,9 +95,8 @@ class CacheStats:
     full: int = 0  # of them, with every block run
     blocks_run: int = 0  # block evaluations (one block over the whole batch counts once)
     blocks_skipped: int = 0
-    changes: list[float] = field(
-        default_factory=list
-    )  # first-block rule: the largest row's change per forward
+    # first-block rule: the largest row's change at each forward after the first
+    changes: list[float] = field(default_factory=list)
 
     def __str__(self) -> str:
         total = self.blocks_run + self.blocks_skipped
@@ -124,14 +124,13 @@ class StepCache:
         self.stats = CacheStats()
         self._key: tuple | None = None  # (shape, dtype, device) of the image tokens
         self._t_last: torch.Tensor | None = None  # [B] t of the last forward
-        self._probe_ref: torch.Tensor | None = (
-            None  # first-block rule: head residual at the last full forward
-        )
-        self._tail_residual: torch.Tensor | None = None  # first-block rule: tail residual there
-        self._nodes: list[
-            tuple[torch.Tensor, torch.Tensor]
-        ] = []  # Taylor: (t [B, 1, 1], residual), newest first
-        self._coefficients: list[torch.Tensor] = []  # Taylor: Newton coefficients over the nodes
+        # first-block rule: the head's residual at the last full forward, and the tail's there
+        self._probe_ref: torch.Tensor | None = None
+        self._tail_residual: torch.Tensor | None = None
+        # TaylorSeer: (t [B, 1, 1], stack residual) of the last full forwards, newest first, and the
+        # Newton coefficients over them
+        self._nodes: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._coefficients: list[torch.Tensor] = []
 
     def __call__(self, t: torch.Tensor, img: torch.Tensor, *streams: torch.Tensor, head: Head, tail: Tail):
         """The image tokens after the block stack, for image tokens ``img`` [B, N, D] entering it at times
