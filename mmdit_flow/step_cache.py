@@ -31,6 +31,8 @@ Rules shared by both:
   later than the last forward's (sampling runs t from 1 down to 0, so a new trajectory starts), resets it
   by itself. Residuals are stored detached.
 - ``stats`` counts forwards and block evaluations run and skipped since the last reset.
+- Caching is for sampling, which runs without gradients (the pipeline's call): a forward that records
+  gradients (training, the likelihood's divergence) runs every block and leaves the state alone.
 
 Models take the cache through ``StepCacheMixin``: ``model.enable_cache(config)``, ``model.disable_cache()``
 (diffusers' names); with no cache the forward is the plain loop, unchanged.
@@ -135,6 +137,8 @@ class StepCache:
     def __call__(self, t: torch.Tensor, img: torch.Tensor, *streams: torch.Tensor, head: Head, tail: Tail):
         """The image tokens after the block stack, for image tokens ``img`` [B, N, D] entering it at times
         ``t`` [B] and the other streams the blocks take (Flux's and SD3's text tokens)."""
+        if torch.is_grad_enabled():  # training, likelihoods: the exact field, and the state left alone
+            return tail(*head(img, *streams))
         self._begin(t, img)
         self.stats.forwards += 1
         if isinstance(self.config, FirstBlockCacheConfig):

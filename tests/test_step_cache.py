@@ -203,11 +203,30 @@ def test_taylor_is_exact_on_polynomial_residuals(order):
     cache = StepCache(TaylorSeerCacheConfig(interval=4, order=order, warmup=order + 1), blocks=2)
     img = torch.randn(2, 3, 4, dtype=torch.float64)
     grid = [1.0, 0.93, 0.93, 0.8, 0.71, 0.6, 0.42, 0.3, 0.17, 0.05]
-    for s in grid:
-        t = torch.tensor([s, s], dtype=torch.float64)
-        out = cache(t, img, head=lambda img: (img,), tail=lambda img, t=t: img + residual(t))
-        torch.testing.assert_close(out, img + residual(t), rtol=1e-9, atol=1e-9)
+    with torch.no_grad():  # sampling
+        for s in grid:
+            t = torch.tensor([s, s], dtype=torch.float64)
+            out = cache(t, img, head=lambda img: (img,), tail=lambda img, t=t: img + residual(t))
+            torch.testing.assert_close(out, img + residual(t), rtol=1e-9, atol=1e-9)
     assert cache.stats.blocks_skipped > 0
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_forwards_that_record_gradients_run_every_block(family):
+    """Training or a likelihood (gradients on) gets the exact field and its gradient from a model with a
+    cache on, and leaves the cache's state alone."""
+    model = MODELS[family]()
+    x, cond = inputs()
+    t = torch.full((2,), 0.5)
+    plain = model(x.requires_grad_(), t, **cond)
+    (grad,) = torch.autograd.grad(plain.sum(), x)
+    cache = model.enable_cache(FirstBlockCacheConfig(math.inf))
+    with torch.no_grad():
+        model(x, torch.full((2,), 0.9), **cond)  # a full forward: the next one would reuse its residual
+    cached = model(x, t, **cond)
+    torch.testing.assert_close(cached, plain, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(cached.sum(), x)[0], grad, rtol=0, atol=0)
+    assert cache.stats.forwards == 1
 
 
 # --------------------------------------------------------------------------------------- state and batches
