@@ -10,8 +10,9 @@ StableDiffusion3Pipeline / FluxPipeline on the same folder, on the CPU, in one r
 ``pipe.compile()`` (regional, its compile time printed), the prompt-embedding cache, and ``--dtype``
 (default bfloat16: the CPU's AVX512-BF16 / AMX GEMMs; float32 to leave it out). Diffusers: torch.compile of
 its transformer's blocks (Flux: its ``compile_repeated_blocks``; SD3, for which that raises: each
-``transformer_blocks`` entry, the same regional compile) and the same dtype. Both compile during the
-untimed warm-up calls. The images of each side are compared with ours in fp32 eager (max and mean |diff|).
+``transformer_blocks`` entry, the same regional compile) and the same dtype; ``--scope model`` compiles the
+whole transformer on both sides instead. Both compile during the untimed warm-up calls. The images of each
+side are compared with ours in fp32 eager (max and mean |diff|).
 
 The cases are bench/pipeline_cases.py's: both pipelines load the same diffusers folder (ours runs our
 transformer through load_transformer). The first call of each is the warm-up and the check that both make
@@ -49,7 +50,13 @@ def bench_case(name: str, steps: int, repeats: int, images: int) -> dict:
 
 
 def bench_best(
-    name: str, steps: int, repeats: int, images: int, dtype: torch.dtype, prompt_cache: bool = True
+    name: str,
+    steps: int,
+    repeats: int,
+    images: int,
+    dtype: torch.dtype,
+    prompt_cache: bool = True,
+    scope: str = "blocks",
 ) -> dict:
     """ms per image of each side's best lossless path, the speed-up, and each side's images against ours
     in fp32 eager."""
@@ -61,8 +68,11 @@ def bench_best(
     fp32_diff = float(abs(reference - pair.run("diffusers", steps=steps, num_images=images)).max())
     pair.ours.to(dtype)
     pair.theirs.to(dtype=dtype)
-    report = pair.ours.compile()
-    compile_diffusers(pair.theirs, pair.case.family)
+    report = pair.ours.compile(scope=scope)
+    if scope == "blocks":
+        compile_diffusers(pair.theirs, pair.case.family)
+    else:  # torch.compile of the whole transformer, as diffusers' docs show it
+        pair.theirs.transformer.compile()
     runs = {
         "ours": lambda: pair.run("ours", steps=steps, num_images=images, prompt_cache=prompt_cache),
         "diffusers": lambda: pair.run("diffusers", steps=steps, num_images=images),
@@ -76,7 +86,7 @@ def bench_best(
     timings = interleaved(runs, rounds=repeats, warmup=0)
     o, d = (1e3 * timings.median(side) / images for side in SIDES)
     speedup = timings.ratio("diffusers", "ours")
-    setting = f"{str(dtype).replace('torch.', '')}, {'' if prompt_cache else 'no '}prompt cache"
+    setting = f"{str(dtype).replace('torch.', '')}, {'' if prompt_cache else 'no '}prompt cache, {scope}"
     print(
         f"{name:15s} {pair.case.image_size:4d}px {setting}  ours {o:8.1f} ms/img  "
         f"diffusers {d:8.1f} ms/img  speed-up {speedup}\n"
@@ -100,6 +110,9 @@ def main() -> None:
     parser.add_argument(
         "--no-prompt-cache", action="store_true", help="with --best: ours encodes every call, as diffusers"
     )
+    parser.add_argument(
+        "--scope", choices=("blocks", "model"), default="blocks", help="with --best: what both sides compile"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -111,7 +124,8 @@ def main() -> None:
     for name in args.cases:
         if args.best:
             dtype = getattr(torch, args.dtype)
-            bench_best(name, args.steps, args.repeats, args.images, dtype, not args.no_prompt_cache)
+            cache = not args.no_prompt_cache
+            bench_best(name, args.steps, args.repeats, args.images, dtype, cache, args.scope)
         else:
             bench_case(name, args.steps, args.repeats, args.images)
 

@@ -1,6 +1,7 @@
 """Regional compilation of a transformer: ``torch.compile`` of each repeated block, in place.
 
-    blocks = compile_blocks(model)          # SD3: the joint blocks; Flux: the double and single blocks
+    blocks = compile_blocks(model, "sd3")   # SD3: the joint blocks; Flux: the double and single blocks
+    compile_blocks(model, "flux", scope="model")   # the whole forward as one region
 
 Every block is compiled with ``nn.Module.compile`` (state-dict keys and parameters unchanged). All blocks of
 one class run the same code, and dynamo treats a block's parameters as inputs, so the blocks of a class share
@@ -19,6 +20,12 @@ of the embedders' outputs, which dynamo guards with their base tensors; later bl
 So SD3 compiles 3 graphs a batch class (2 for a 2-block model) and Flux 4, whatever the depth, and nothing
 more afterwards. ``dynamic=False`` compiles one set per batch and size instead, each specialised.
 ``compile_blocks`` raises dynamo's per-function graph limit to ``RECOMPILE_LIMIT`` (see there).
+
+``scope="model"`` compiles the whole forward instead (the embedders, the position table or rotary tables,
+the final layer and unpatching as well): a longer first compile and one graph per batch class, and faster
+where those eager parts weigh (the shipped tiny model's forward: 1.20x [1.12, 1.30] over eager in bf16
+on the CPU, against 1.03x [0.94, 1.10] for the blocks alone). Step caching (``mmdit_flow.step_cache``) keeps
+state between calls in the forward; use the blocks scope with it.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from torch import nn
 
 BLOCK_LISTS = {"sd3": ("blocks",), "flux": ("double_blocks", "single_blocks")}
 BACKENDS = ("inductor", "aot_eager", "eager")  # eager / aot_eager: tracing only, no code generation
+SCOPES = ("blocks", "model")
 # dynamo keeps at most ``recompile_limit`` graphs per code object (8 by default), then runs it eager. All
 # blocks of a class share one code object: one Flux model already needs 8 (4 variants x 2 batch classes), and
 # each further dtype, device or model in the process adds its own
@@ -42,12 +50,16 @@ RECOMPILE_LIMIT = 64
 class CompileReport:
     """What ``TextToImagePipeline.compile`` did: blocks compiled, graphs made and the seconds it took."""
 
-    blocks: int  # transformer blocks compiled in place
+    blocks: int  # transformer blocks compiled in place (with scope "model": inside the compiled forward)
     graphs: int  # graphs dynamo compiled during the warm-up (0 without a warm-up)
     seconds: float  # wall time of the warm-up calls: tracing, code generation and the calls themselves
+    scope: str = "blocks"  # "blocks" | "model"
 
     def __str__(self) -> str:
-        return f"compiled {self.blocks} blocks into {self.graphs} graphs in {self.seconds:.1f} s"
+        what = f"{self.blocks} blocks"
+        if self.scope == "model":
+            what = f"the transformer ({what})"
+        return f"compiled {what} into {self.graphs} graphs in {self.seconds:.1f} s"
 
 
 def repeated_blocks(model: nn.Module, family: str) -> list[nn.Module]:
@@ -64,17 +76,21 @@ def compile_blocks(
     dynamic: bool | None = True,
     backend: str = "inductor",
     mode: str | None = None,
+    scope: str = "blocks",
 ) -> int:
-    """``torch.compile`` each repeated block of ``model`` in place; returns how many. Compiling happens on
-    the first call of each block variant and shape (see the module docstring for ``dynamic``)."""
+    """``torch.compile`` each repeated block of ``model`` (``scope="model"``: its whole forward) in place;
+    returns how many blocks that covers. Compiling happens on the first call of each block variant and shape
+    (see the module docstring for ``dynamic``)."""
+    if scope not in SCOPES:
+        raise ValueError(f"unknown compile scope {scope!r}; choose one of {', '.join(SCOPES)}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown compile backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if dynamic not in (True, False, None):
         raise ValueError(f"dynamic must be True, False or None, got {dynamic!r}")
     blocks = repeated_blocks(model, family)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    for block in blocks:
-        block.compile(backend=backend, dynamic=dynamic, mode=mode)
+    for module in blocks if scope == "blocks" else [model]:
+        module.compile(backend=backend, dynamic=dynamic, mode=mode)
     return len(blocks)
 
 
