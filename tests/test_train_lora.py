@@ -200,21 +200,13 @@ def test_bad_lora_files_are_refused_with_the_key(tmp_path, change, match):
         lora_deltas(SD3Transformer(SD3Config(**TINY)), {**sd, **change})
 
 
-def test_lora_files_for_flux_are_refused_until_supported():
-    from mmdit_flow.models.flux import FluxConfig, FluxTransformer
-
-    flux = FluxTransformer(
-        FluxConfig(hidden_size=32, num_heads=2, depth=1, depth_single=1, axes_dim=(4, 6, 6))
-    )
-    with pytest.raises(ValueError, match="LoRA files for flux transformers are not supported yet"):
-        lora_deltas(flux, {})
-
-
-def test_alpha_entries_are_ignored_with_a_warning(tmp_path, caplog):
+def test_alpha_entries_scale_as_diffusers_network_alphas(tmp_path):
+    """A peft file's .alpha entries scale B A by alpha / rank; a module without one takes the most common
+    alpha (diffusers' network_alphas rule); tested against diffusers in tests/test_lora_formats.py."""
     _, sd = _tiny_lora_file(tmp_path / "l.safetensors")
     model = SD3Transformer(SD3Config(**TINY))
     expected = lora_deltas(model, sd)
-    with caplog.at_level("WARNING", logger="mmdit_flow.weights.lora"):
-        got = lora_deltas(model, {**sd, "transformer.norm_out.linear.alpha": torch.tensor(8.0)})
-    assert "1 .alpha entries (transformer.norm_out.linear.alpha) are ignored" in caplog.text
-    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    got = lora_deltas(model, {**sd, "transformer.norm_out.linear.alpha": torch.tensor(8.0)})
+    assert got.keys() == expected.keys()
+    for key in got:
+        torch.testing.assert_close(got[key], expected[key] * 4.0)  # alpha 8 / rank 2, both modules

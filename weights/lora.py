@@ -1,33 +1,32 @@
-"""LoRA files: find, read, write and merge LoRAs in diffusers' (peft) naming.
+"""LoRA files: find, read and write them; merge them, or keep several as adapters with a weight each.
 
 A LoRA on a linear layer W [out, in] adds ``delta W = scale * B @ A`` with A [r, in], B [out, r]. A file
-names each adapted layer's factors in another format's module names; diffusers' (what its
-``load_lora_weights`` reads and ``save_lora_weights`` writes) is ``transformer.<module>.lora_A.weight`` /
-``lora_B.weight`` in the names of diffusers' transformer.
+names each adapted layer's factors in some format's module names (``lora_formats.py``: diffusers / peft,
+ai-toolkit, kohya sd-scripts, ComfyUI), for the transformer and, in whole-pipeline files, the text encoders.
 
 A layer's factors follow the key-map rule of the layer's ``.weight`` (``keymap.module_rules`` of the family's
 table). Our attention projects q, k and v with one fused ``qkv`` layer where diffusers has ``to_q``, ``to_k``,
-``to_v``; a LoRA on the fused layer is exactly three LoRAs with the same A and B split by rows:
+``to_v`` (Flux's single-block ``linear1`` is those three plus ``proj_mlp``); a LoRA on the fused layer is
+exactly LoRAs on the parts with the same A and B split by rows:
 
     delta [W_q; W_k; W_v] = s * [B_q; B_k; B_v] @ A   =>   delta W_q = s * B_q @ A, ...
 
 so writing gives A to each part and B in row blocks (``keymap.split``; a ``swap`` rule exchanges B's halves),
-with the scale folded into B, so every written adapter has scale 1 whatever alpha diffusers assumes. Reading
-goes the other way for any such file (separate A per q, k, v included): each part's ``B @ A``, zeros for the
-parts the file leaves out, joined by the rule (``keymap.join``) into a delta for our layer.
+with the scale folded into B, so every written adapter has scale 1 whatever alpha a reader assumes. Reading
+goes the other way for any such file (separate A per part included): the parts' A stacked, their scaled B as
+the blocks of a block-diagonal B (zero rows for parts the file leaves out), joined by the rule
+(``keymap.join``): one exact low-rank factor pair for our layer.
 
-Other file formats (kohya's ``lora_unet_*`` / ``lora_down`` / ``lora_up``, ai-toolkit's) are a
-``LoraNaming``: which rule table their module names follow and how a key names a module's factor; reading
-looks keys up in the names a naming generates from the table, so a lossy naming (dots as underscores) needs no
-parser. Only diffusers' naming and SD3 / SD3.5 transformers are supported so far.
+Adapters (``LoraAdapters``, what ``pipe.load_lora`` / ``set_adapters`` / ``unload_lora`` / ``fuse_lora``
+use): the base weights of the adapted layers are kept, and on each change every adapted weight is set to
+W0 + sum_i w_i B_i A_i. Generation then runs plain merged weights (no per-step cost, compiled graphs stay
+valid), and unloading copies W0 back bit for bit; the price is one copy of the adapted layers' weights.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -36,14 +35,25 @@ from torch import nn
 
 from mmdit_flow.weights.formats import KeyFormat, StateDict
 from mmdit_flow.weights.io import PICKLE_SUFFIXES, CheckpointError, _names, read_checkpoint, save_file
-from mmdit_flow.weights.keymap import Rule, join, module_rules, split
+from mmdit_flow.weights.keymap import Rule, join, split
+from mmdit_flow.weights.lora_formats import (
+    DIFFUSERS,
+    NAMINGS,
+    LoraNaming,
+    Scales,
+    format_of,
+    linear_rules,
+    looks_like,
+    transformer_rules,
+)
 from mmdit_flow.weights.transformer import family_of_model
 
 logger = logging.getLogger(__name__)
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default file name
 LORA_WEIGHT_NAME_PICKLE = "pytorch_lora_weights.bin"
-FAMILIES = ("sd3",)  # model families whose LoRA files this version reads and writes
+FAMILIES = ("sd3", "flux")  # model families whose LoRA files this version reads and writes
+TRANSFORMER = "transformer"
 
 
 class LoraLayer(NamedTuple):
@@ -54,33 +64,15 @@ class LoraLayer(NamedTuple):
     scale: float
 
 
-@dataclass(frozen=True)
-class LoraNaming:
-    """How a LoRA file format names the factors of a layer."""
-
-    name: str
-    # the family and our config -> {our module: rule to the module names the file uses}
-    rules: Callable[[KeyFormat, Any], dict[str, Rule]]
-    # (their module name, "A" | "B") -> the file's key
-    key: Callable[[str, str], str]
-
-
-DIFFUSERS = LoraNaming(
-    name="diffusers",
-    rules=lambda fam, config: module_rules(fam.diffusers_rules(config)),
-    key=lambda module, factor: f"transformer.{module}.lora_{factor}.weight",
-)
-
-
-def _rules(model: nn.Module, naming: LoraNaming) -> tuple[nn.Module, dict[str, Rule]]:
-    """The bare model (inside compile / DDP wrappers) and its layers' rules in ``naming``."""
+def _family(model: nn.Module) -> tuple[KeyFormat, nn.Module]:
+    """The family and the bare model (inside compile / DDP wrappers) of a transformer we have LoRAs for."""
     fam, inner = family_of_model(model)
     if fam.name not in FAMILIES:
         raise ValueError(
-            f"LoRA files for {fam.name} transformers are not supported yet; this version reads and writes "
+            f"LoRA files for {fam.name} transformers are not supported; this version reads and writes "
             f"LoRAs of {', '.join(FAMILIES)} transformers"
         )
-    return inner, naming.rules(fam, inner.config)
+    return fam, inner
 
 
 # ---------------------------------------------------------------------------------------------------- writing
@@ -89,16 +81,18 @@ def _rules(model: nn.Module, naming: LoraNaming) -> tuple[nn.Module, dict[str, R
 def lora_state_dict(
     model: nn.Module, layers: dict[str, LoraLayer], naming: LoraNaming = DIFFUSERS
 ) -> StateDict:
-    """``layers`` (our module name -> its LoRA) as the tensors of a LoRA file in ``naming``."""
-    _, rules = _rules(model, naming)
+    """``layers`` (our module name -> its LoRA) as the tensors of a transformer LoRA file in ``naming``."""
+    fam, inner = _family(model)
+    rules = transformer_rules(fam, inner.config, naming)
+    prefix = naming.prefix(fam.name, TRANSFORMER) or ""
     out: StateDict = {}
     for name, (A, B, scale) in layers.items():
         if name not in rules:
             raise ValueError(f"{name} has a LoRA but no {naming.name} name; adapt its linear layers only")
         rule = rules[name]
         for module, b in zip(rule.theirs, split(rule, B * scale), strict=True):
-            out[naming.key(module, "A")] = A.clone().contiguous()
-            out[naming.key(module, "B")] = b.contiguous()
+            out[naming.key(prefix, module, "A")] = A.clone().contiguous()
+            out[naming.key(prefix, module, "B")] = b.contiguous()
     return out
 
 
@@ -106,7 +100,7 @@ def write_lora(
     model: nn.Module, layers: dict[str, LoraLayer], path: str | os.PathLike, naming: LoraNaming = DIFFUSERS
 ) -> Path:
     """Write ``layers`` as a safetensors LoRA file (atomically); in diffusers' naming, diffusers'
-    ``load_lora_weights`` reads it."""
+    ``load_lora_weights`` reads it (SD3 and Flux)."""
     return save_file(lora_state_dict(model, layers, naming), path)
 
 
@@ -154,90 +148,170 @@ def find_lora_file(
     raise CheckpointError(f"{path} has no LoRA file ({LORA_WEIGHT_NAME} or one .safetensors file): {listing}")
 
 
-def _factors(
-    sd: StateDict, lookup: dict[str, tuple[str, str]], naming: LoraNaming
-) -> dict[str, dict[str, torch.Tensor]]:
-    """{their module: {"A": tensor, "B": tensor}} for the keys ``lookup`` knows; raise on any other key."""
-    found: dict[str, dict[str, torch.Tensor]] = {}
-    unknown, alphas = [], []
-    for key, value in sd.items():
-        if key in lookup:
-            module, factor = lookup[key]
-            found.setdefault(module, {})[factor] = value.float()
-        else:
-            (alphas if key.endswith(".alpha") else unknown).append(key)
-    if alphas:
-        logger.warning(
-            "the LoRA's %d .alpha entries (%s) are ignored: B is taken to hold the scale already, as in the "
-            "files diffusers and mmdit-flow write",
-            len(alphas),
-            _names(alphas, 3),
-        )
-    if unknown:
-        raise ValueError(
-            f"LoRA keys {_names(sorted(unknown), 5)} match no layer of this transformer in the "
-            f"{naming.name} naming: is the LoRA for another model family, or for the text encoders?"
-        )
-    for module, ab in found.items():
-        if ab.keys() != {"A", "B"}:
-            (have,) = ab
-            missing = naming.key(module, "B" if have == "A" else "A")
-            raise ValueError(
-                f"the LoRA has {naming.key(module, have)} but not {missing}; the file is incomplete"
-            )
-        if ab["A"].shape[0] != ab["B"].shape[1]:
-            raise ValueError(
-                f"{naming.key(module, 'A')} has rank {ab['A'].shape[0]} but {naming.key(module, 'B')} has "
-                f"rank {ab['B'].shape[1]}; the file is damaged"
-            )
-    return found
-
-
-def _delta(rule: Rule, factors: dict[str, dict[str, torch.Tensor]], weight: torch.Tensor) -> torch.Tensor:
-    """Our layer's delta W from the file's factors of its parts, zeros for the parts the file leaves out."""
-    if weight.ndim != 2:
-        raise ValueError(f"the LoRA adapts {', '.join(rule.theirs)}, which is not a linear layer")
-    n = len(rule.theirs)
-    rows = rule.sizes or (weight.shape[0] // n,) * n
-    parts = []
-    for module, r in zip(rule.theirs, rows, strict=True):
-        part = (
-            factors[module]["B"] @ factors[module]["A"]
-            if module in factors
-            else torch.zeros(r, weight.shape[1])
-        )
-        if part.shape != (r, weight.shape[1]):
-            raise ValueError(
-                f"the LoRA of {module} is {part.shape[0]} x {part.shape[1]} but that layer's weight is "
-                f"{r} x {weight.shape[1]}: the LoRA is for a model of other sizes"
-            )
-        parts.append(part)
-    return join(rule, parts)
-
-
-def lora_deltas(model: nn.Module, sd: StateDict, naming: LoraNaming = DIFFUSERS) -> StateDict:
-    """The tensors of a LoRA file -> {our parameter name: delta W = B @ A} (any alpha already folded in B)."""
-    model, rules = _rules(model, naming)
-    lookup = {
-        naming.key(module, factor): (module, factor)
-        for rule in rules.values()
-        for module in rule.theirs
-        for factor in ("A", "B")
-    }
-    factors = _factors(sd, lookup, naming)
-    return {
-        f"{ours}.weight": _delta(rule, factors, model.get_parameter(f"{ours}.weight"))
-        for ours, rule in rules.items()
-        if any(module in factors for module in rule.theirs)
-    }
-
-
 def read_lora(
     path: str | os.PathLike, *, weight_name: str | None = None, allow_pickle: bool = False
 ) -> StateDict:
     """The tensors of a LoRA file, or of the LoRA file in a folder (see ``find_lora_file``)."""
+    return read_lora_checkpoint(path, weight_name=weight_name, allow_pickle=allow_pickle).state_dict
+
+
+def read_lora_checkpoint(
+    path: str | os.PathLike, *, weight_name: str | None = None, allow_pickle: bool = False
+) -> Any:
+    """The tensors and the metadata (diffusers' ``lora_adapter_metadata``) of a LoRA file or folder."""
     file = find_lora_file(path, weight_name=weight_name, allow_pickle=allow_pickle)
-    return read_checkpoint(file, allow_pickle=allow_pickle).state_dict
+    return read_checkpoint(file, allow_pickle=allow_pickle)
+
+
+Targets = dict[str, nn.Module]  # "transformer" / "text_encoder" / ... -> the model a file may adapt
+Layers = dict[tuple[str, str], LoraLayer]  # (target, our module) -> its LoRA
+
+
+def _lookups(naming: LoraNaming, fam: KeyFormat, targets: Targets) -> tuple[dict, dict, dict]:
+    """The keys ``naming`` gives every factor and alpha of the targets' layers, and each target's rules."""
+    factors: dict[str, tuple[str, str, str, str]] = {}  # key -> (target, prefix, their module, factor)
+    alphas: dict[str, tuple[str, str]] = {}
+    rules: dict[str, dict[str, Rule]] = {}
+    for target, model in targets.items():
+        prefix = naming.prefix(fam.name, target)
+        if prefix is None:
+            continue
+        if target == TRANSFORMER:
+            rules[target] = transformer_rules(fam, model.config, naming)
+        else:
+            rules[target] = linear_rules(model)
+        for rule in rules[target].values():
+            for module in rule.theirs:
+                for factor in ("A", "B"):
+                    factors[naming.key(prefix, module, factor)] = (target, prefix, module, factor)
+                alphas[naming.alpha_key(prefix, module)] = (target, module)
+    return factors, alphas, rules
+
+
+def _no_match(keys: list[str], fam: KeyFormat, targets: Targets, naming: LoraNaming | None) -> ValueError:
+    """The error for keys that match no layer: name a few, their format and the family they look like."""
+    shown = _names(sorted(keys), 4)
+    family = looks_like(keys)
+    where = f" in the {naming.name} format" if naming is not None else " in any format we read"
+    msg = f"LoRA keys {shown} match no layer of this {fam.name} model{where}"
+    if family is not None and family != fam.name:
+        names = {"flux": "Flux", "sd3": "SD3"}
+        return ValueError(
+            f"this is a {names[family]} LoRA ({format_of(keys)} keys) and the model is {names[fam.name]}: "
+            f"{msg}; load it into a {names[family]} model"
+        )
+    encoders = [k for k in keys if k.split(".")[0] in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+    encoders += [k for k in keys if k.startswith("lora_te")]
+    if encoders and not any(t != TRANSFORMER for t in targets):
+        return ValueError(
+            f"{msg}: {_names(encoders, 2)} adapt the text encoders; load the file into a pipeline "
+            "(pipe.load_lora) to adapt them too"
+        )
+    return ValueError(
+        f"{msg} ({format_of(keys)} keys): is the LoRA for another model family, for text encoders this "
+        "pipeline does not have, or for other layers (norms, embeddings)?"
+    )
+
+
+def parse_lora(targets: Targets, sd: StateDict, metadata: dict[str, str] | None = None) -> Layers:
+    """A LoRA file's tensors (and metadata) -> the LoRA of each adapted layer of ``targets`` (one must be
+    ``"transformer"``), alpha folded into B as diffusers would scale it; the format is the one whose
+    generated keys match the file's."""
+    fam, inner = _family(targets[TRANSFORMER])
+    targets = {**targets, TRANSFORMER: inner}
+    if not sd:
+        raise ValueError("the LoRA holds no tensors; is it the right file?")
+    best = None
+    for naming in NAMINGS:
+        factors, alphas, rules = _lookups(naming, fam, targets)
+        n = sum(k in factors for k in sd)
+        if n and (best is None or n > best[0]):
+            best = (n, naming, factors, alphas, rules)
+    if best is None:
+        raise _no_match(list(sd), fam, targets, None)
+    _, naming, factor_keys, alpha_keys, rules = best
+    found: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    prefixes: dict[str, str] = {}
+    alpha_values, unknown = {}, []
+    for key, value in sd.items():
+        if key in factor_keys:
+            target, prefix, module, factor = factor_keys[key]
+            found.setdefault((target, module), {})[factor] = value.float()
+            prefixes[target] = prefix
+        elif key in alpha_keys:
+            alpha_values[key] = float(value)
+        else:
+            unknown.append(key)
+    if unknown:
+        raise _no_match(unknown, fam, targets, naming)
+    scales = Scales.of(naming, alpha_values, metadata or {})
+    parts: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor, float]] = {}
+    for (target, module), ab in found.items():
+        prefix = prefixes[target]
+        if ab.keys() != {"A", "B"}:
+            (have,) = ab
+            missing = naming.key(prefix, module, "B" if have == "A" else "A")
+            raise ValueError(
+                f"the LoRA has {naming.key(prefix, module, have)} but not {missing}; the file is incomplete"
+            )
+        A, B = ab["A"], ab["B"]
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            a_key, b_key = naming.key(prefix, module, "A"), naming.key(prefix, module, "B")
+            raise ValueError(
+                f"{a_key} has rank {A.shape[0]} but {b_key} has rank {B.shape[-1]} (shapes {list(A.shape)} "
+                f"and {list(B.shape)}); the file is damaged"
+            )
+        parts[(target, module)] = (A, B, scales.scale(target, prefix, module, A.shape[0]))
+    layers: Layers = {}
+    for target, table in rules.items():
+        for ours, rule in table.items():
+            present = [parts.get((target, m)) for m in rule.theirs]
+            if any(p is not None for p in present):
+                weight = targets[target].get_parameter(f"{ours}.weight")
+                layers[(target, ours)] = _layer(rule, present, weight, target)
+    return layers
+
+
+def _layer(rule: Rule, parts: list, weight: torch.Tensor, target: str) -> LoraLayer:
+    """Our layer's LoRA from its parts' (A, B, scale): A stacked, scaled B block-diagonal, joined by rule."""
+    if weight.ndim != 2:
+        raise ValueError(f"the LoRA adapts {', '.join(rule.theirs)}, which is not a linear layer")
+    n = len(rule.theirs)
+    rows = rule.sizes or (weight.shape[0] // n,) * n
+    rank = sum(p[0].shape[0] for p in parts if p is not None)
+    As, Bs, at = [], [], 0
+    for module, r, part in zip(rule.theirs, rows, parts, strict=True):
+        block = torch.zeros(r, rank)
+        if part is not None:
+            A, B, scale = part
+            if (B.shape[0], A.shape[1]) != (r, weight.shape[1]):
+                raise ValueError(
+                    f"the LoRA of {target} layer {module} is {B.shape[0]} x {A.shape[1]} (B {list(B.shape)}, "
+                    f"A {list(A.shape)}) but that layer's weight is {r} x {weight.shape[1]}: the LoRA is for "
+                    "a model of other sizes"
+                )
+            block[:, at : at + A.shape[0]] = B * scale
+            As.append(A)
+            at += A.shape[0]
+        Bs.append(block)
+    return LoraLayer(torch.cat(As), join(rule, Bs), 1.0)
+
+
+def lora_deltas(model: nn.Module, sd: StateDict, metadata: dict[str, str] | None = None) -> StateDict:
+    """The tensors of a transformer LoRA file -> {our parameter name: delta W = scale * B @ A}."""
+    return {
+        f"{name}.weight": layer.scale * layer.B @ layer.A
+        for (_, name), layer in parse_lora({TRANSFORMER: model}, sd, metadata).items()
+    }
+
+
+def _source(
+    lora: str | os.PathLike | StateDict, weight_name: str | None, allow_pickle: bool
+) -> tuple[StateDict, dict[str, str]]:
+    if isinstance(lora, dict):
+        return lora, {}
+    checkpoint = read_lora_checkpoint(lora, weight_name=weight_name, allow_pickle=allow_pickle)
+    return checkpoint.state_dict, checkpoint.metadata
 
 
 @torch.no_grad()
@@ -249,16 +323,113 @@ def load_lora(
     weight_name: str | None = None,
     allow_pickle: bool = False,
 ) -> nn.Module:
-    """Merge a LoRA (a file, a folder holding one, or its tensors) into ``model``: W <- W + scale * B @ A.
-    Merging again adds again; reload the model to remove a LoRA."""
-    sd = (
-        lora
-        if isinstance(lora, dict)
-        else read_lora(lora, weight_name=weight_name, allow_pickle=allow_pickle)
-    )
-    deltas = lora_deltas(model, sd)
-    _, inner = family_of_model(model)
-    for name, delta in deltas.items():
-        p = inner.get_parameter(name)
-        p.add_(delta.to(p) * scale)
+    """Merge a transformer LoRA (a file in any format of ``lora_formats``, a folder holding one, or its
+    tensors) into ``model``: W <- W + scale * B @ A. Merging again adds again; reload the model to remove a
+    LoRA (or use a pipeline's adapters)."""
+    sd, metadata = _source(lora, weight_name, allow_pickle)
+    _, inner = _family(model)
+    for (_, name), layer in parse_lora({TRANSFORMER: model}, sd, metadata).items():
+        p = inner.get_parameter(f"{name}.weight")
+        p.add_((layer.B @ layer.A * (layer.scale * scale)).to(p))
     return model
+
+
+# --------------------------------------------------------------------------------------------------- adapters
+
+
+class LoraAdapters:
+    """Named LoRAs on a set of models (a pipeline's transformer and text encoders), each active with a weight.
+
+    The base value of every adapted weight is kept; after each change each adapted weight is recomputed as
+    W0 + sum over active adapters of weight_i * B_i A_i (in fp32, then cast to the weight's dtype), so the
+    models always hold plain merged weights and ``unload`` restores W0 exactly."""
+
+    def __init__(self, targets: Targets):
+        self.targets = {k: v for k, v in targets.items() if v is not None}
+        self.adapters: dict[str, Layers] = {}
+        self.weights: dict[str, float] = {}  # the active adapters and their weights, in load order
+        self._base: dict[tuple[str, str], torch.Tensor] = {}
+
+    def _param(self, target: str, module: str) -> nn.Parameter:
+        model = self.targets[target]
+        if target == TRANSFORMER:
+            model = family_of_model(model)[1]
+        return model.get_parameter(f"{module}.weight")
+
+    def load(
+        self,
+        lora: str | os.PathLike | StateDict,
+        scale: float = 1.0,
+        *,
+        adapter_name: str | None = None,
+        weight_name: str | None = None,
+        allow_pickle: bool = False,
+    ) -> str:
+        """Add a LoRA as an adapter active at ``scale``; returns its name (``default_<n>`` when not given)."""
+        name = adapter_name if adapter_name is not None else f"default_{len(self.adapters)}"
+        if name in self.adapters:
+            raise ValueError(
+                f"adapter_name {name!r} is already loaded ({', '.join(self.adapters)}); choose another name "
+                "or pipe.unload_lora() first"
+            )
+        _check_weight("scale", scale)
+        sd, metadata = _source(lora, weight_name, allow_pickle)
+        layers = parse_lora(self.targets, sd, metadata)
+        for key in layers:
+            if key not in self._base:
+                self._base[key] = self._param(*key).detach().clone()
+        self.adapters[name] = layers
+        self.weights[name] = float(scale)
+        self._apply()
+        return name
+
+    def set_adapters(self, names: str | list[str], weights: float | list[float] | None = None) -> None:
+        """Make exactly ``names`` active, with ``weights`` (one each, or one for all; default 1)."""
+        names = [names] if isinstance(names, str) else list(names)
+        if unknown := [n for n in names if n not in self.adapters]:
+            loaded = ", ".join(self.adapters) or "none"
+            raise ValueError(f"adapter(s) {', '.join(map(repr, unknown))} are not loaded (loaded: {loaded})")
+        if weights is None:
+            weights = [1.0] * len(names)
+        elif isinstance(weights, int | float):
+            weights = [float(weights)] * len(names)
+        weights = list(weights)
+        if len(weights) != len(names):
+            raise ValueError(f"set_adapters got {len(names)} names but {len(weights)} weights; give one each")
+        for w in weights:
+            _check_weight("weights", w)
+        self.weights = {n: float(w) for n, w in zip(names, weights, strict=True)}
+        self._apply()
+
+    def unload(self) -> None:
+        """Remove every adapter: each adapted weight back to its base value, bit for bit."""
+        self.weights = {}
+        self._apply()
+        self.adapters, self._base = {}, {}
+
+    def fuse(self) -> None:
+        """Keep the current weights as the base and drop the adapters (and the base copies they need)."""
+        self.adapters, self.weights, self._base = {}, {}, {}
+
+    @torch.no_grad()
+    def _apply(self) -> None:
+        for key, base in self._base.items():
+            p = self._param(*key)
+            terms = [
+                (w, self.adapters[n][key]) for n, w in self.weights.items() if key in self.adapters[n] and w
+            ]
+            if not terms:
+                p.copy_(base)
+                continue
+            w = base.to(p.device, torch.float32)
+            for weight, layer in terms:
+                A, B = layer.A.to(p.device), layer.B.to(p.device)
+                w = w + (weight * layer.scale) * (B @ A)
+            p.copy_(w.to(p.dtype))
+
+
+def _check_weight(name: str, value: float) -> None:
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number (a LoRA's weight), not {value!r}")
