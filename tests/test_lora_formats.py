@@ -17,7 +17,7 @@ from mmdit_flow.training.lora import add_lora, save_lora
 from mmdit_flow.weights import load_transformer
 from mmdit_flow.weights.io import save_file
 from mmdit_flow.weights.lora import load_lora
-from tests.components import diffusers_pipeline, flux_components
+from tests.components import diffusers_pipeline, flux_components, sd3_components
 from tests.test_flux import diffusers_velocity
 
 TOL = {"rtol": 1e-4, "atol": 1e-5}
@@ -147,3 +147,98 @@ def test_alpha_entries_are_honoured_as_diffusers_network_alphas(flux, tmp_path):
     inputs = _flux_inputs()
     theirs = diffusers_velocity(_theirs(components, file), **inputs)
     torch.testing.assert_close(load_lora(_ours(folder), file)(**inputs), theirs, **TOL)
+
+
+# ------------------------------------------------------------------------- kohya, ComfyUI, original names
+
+
+def _original_lora(original_sd, prefix, sep, factors, *, skip=(), seed=5, rank=3, alpha=6.0):
+    """A LoRA on every linear layer of an original-format state dict: {key: tensor} in a file's names, and
+    {original weight key: delta} as kohya's alpha / rank scales it."""
+    g = torch.Generator().manual_seed(seed)
+    sd, deltas = {}, {}
+    for key, w in original_sd.items():
+        if w.ndim != 2 or not key.endswith(".weight") or any(s in key for s in skip):
+            continue
+        module = key.removesuffix(".weight")
+        name = prefix + (module.replace(".", "_") if sep == "_" else module)
+        down, up = torch.randn(rank, w.shape[1], generator=g), torch.randn(w.shape[0], rank, generator=g)
+        a = rank if "final_layer" in key else alpha  # diffusers' kohya converter ignores final_layer alphas
+        sd[f"{name}.{factors[0]}.weight"], sd[f"{name}.{factors[1]}.weight"] = down * 0.2, up * 0.2
+        if factors[0] == "lora_down":
+            sd[f"{name}.alpha"] = torch.tensor(float(a))
+        scale = a / rank if factors[0] == "lora_down" else 1.0
+        deltas[key] = scale * (up * 0.2) @ (down * 0.2)
+    return sd, deltas
+
+
+def _merged_by_hand(model, family, deltas):
+    """Our state dict after adding the deltas to the original-format weights, then converting back."""
+    original = family.to_original(model.state_dict(), model.config)
+    for key, delta in deltas.items():
+        original[key] = original[key] + delta
+    return family.from_original(original, model.config)
+
+
+def _assert_same_weights(model, expected):
+    got = model.state_dict()
+    assert got.keys() == expected.keys()
+    for key in got:
+        torch.testing.assert_close(got[key], expected[key], **TOL)
+
+
+BY_HAND = ("single_blocks.0.linear1", "_in.", "final_layer")  # see the next two tests
+KOHYA = ("lora_unet_", "_", ("lora_down", "lora_up"))
+COMFYUI = ("diffusion_model.", ".", ("lora_down", "lora_up"))
+
+
+@pytest.mark.parametrize("fmt", [KOHYA, COMFYUI], ids=["kohya", "comfyui"])
+@torch.no_grad()
+def test_flux_kohya_and_comfyui_files_equal_diffusers_converters(flux, tmp_path, fmt):
+    """diffusers converts these (``_convert_kohya_flux_lora_to_diffusers``) for the blocks. Its converter
+    hard-codes FLUX.1's single-block widths, and drops the embedders' and final layer's LoRAs (it names them
+    without the ``transformer.`` prefix its loader keeps): those layers are compared by hand in the next
+    test, against sd-scripts' rule (every layer, alpha / rank)."""
+    from mmdit_flow.weights.flux_keys import FAMILY
+
+    folder, components = flux
+    ours = _ours(folder)
+    sd, deltas = _original_lora(FAMILY.to_original(ours.state_dict(), ours.config), *fmt, skip=BY_HAND)
+    file = save_file(sd, tmp_path / "lora.safetensors")
+    inputs = _flux_inputs()
+    theirs = diffusers_velocity(_theirs(components, file), **inputs)
+    load_lora(ours, file)
+    torch.testing.assert_close(ours(**inputs), theirs, **TOL)
+    _assert_same_weights(ours, _merged_by_hand(_ours(folder), FAMILY, deltas))
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [KOHYA, COMFYUI, ("diffusion_model.", ".", ("lora_A", "lora_B"))],
+    ids=["kohya", "comfyui", "bfl-peft"],
+)
+@torch.no_grad()
+def test_flux_original_name_files_equal_the_lora_merged_into_original_weights(flux, fmt):
+    from mmdit_flow.weights.flux_keys import FAMILY
+
+    folder, _ = flux
+    ours = _ours(folder)
+    sd, deltas = _original_lora(FAMILY.to_original(ours.state_dict(), ours.config), *fmt)
+    assert any("linear1" in k for k in deltas)
+    expected = _merged_by_hand(_ours(folder), FAMILY, deltas)
+    _assert_same_weights(load_lora(ours, sd), expected)
+
+
+@torch.no_grad()
+def test_sd3_kohya_files_equal_the_lora_merged_into_original_weights(tmp_path):
+    """diffusers cannot load SD3 kohya files (``lora_unet_joint_blocks_0_x_block_attn_qkv``); the oracle is
+    the LoRA added to the original single-file weights, converted to ours."""
+    from mmdit_flow.weights.sd3_keys import FAMILY
+
+    diffusers_pipeline(sd3_components(sd35=True)).save_pretrained(tmp_path / "base")
+    ours = _ours(tmp_path / "base")
+    sd, deltas = _original_lora(FAMILY.to_original(ours.state_dict(), ours.config), *KOHYA)
+    assert "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight" in sd
+    assert any("attn2" in k for k in deltas) and "final_layer.adaLN_modulation.1.weight" in deltas
+    expected = _merged_by_hand(_ours(tmp_path / "base"), FAMILY, deltas)
+    _assert_same_weights(load_lora(ours, save_file(sd, tmp_path / "kohya.safetensors")), expected)
