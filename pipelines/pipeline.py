@@ -222,15 +222,41 @@ class TextToImagePipeline:
         path: str | Path,
         scale: float = 1.0,
         *,
+        adapter_name: str | None = None,
         weight_name: str | None = None,
         allow_pickle: bool = False,
-    ) -> None:
-        """Merge a diffusers-format SD3 LoRA (ours or diffusers'; a file, or as in diffusers a folder holding
-        ``pytorch_lora_weights.safetensors`` or one ``.safetensors``) into the transformer:
-        W <- W + scale * B A. Merging again adds again; reload the pipeline to remove a LoRA."""
-        from mmdit_flow.weights.lora import load_lora
+    ) -> str:
+        """Load a LoRA as an adapter active at ``scale``; returns its name (``default_<n>`` unless given).
 
-        load_lora(self.transformer, path, scale, weight_name=weight_name, allow_pickle=allow_pickle)
+        A file (or, as in diffusers, a folder holding ``pytorch_lora_weights.safetensors`` or one
+        ``.safetensors``) in diffusers / peft, ai-toolkit, kohya or ComfyUI format, for this pipeline's
+        family, adapting the transformer and, in whole-pipeline files, the text encoders. Several adapters
+        are active at once (``set_adapters``); the models hold W0 + sum_i w_i B_i A_i, so generation costs
+        what it costs without LoRAs, and ``unload_lora`` restores the base weights bit for bit
+        (``weights/lora.py``: ``LoraAdapters``)."""
+        return self._lora_adapters().load(
+            path, scale, adapter_name=adapter_name, weight_name=weight_name, allow_pickle=allow_pickle
+        )
+
+    def set_adapters(self, names: str | list[str], weights: float | list[float] | None = None) -> None:
+        """Activate exactly the adapters ``names`` with ``weights`` (one each or one for all; default 1)."""
+        self._lora_adapters().set_adapters(names, weights)
+
+    def unload_lora(self) -> None:
+        """Remove every LoRA adapter: the base weights again, bit for bit."""
+        self._lora_adapters().unload()
+
+    def fuse_lora(self) -> None:
+        """Make the current (adapted) weights the base: frees the base copies and adapters; generation is
+        already as fast as without LoRAs, since adapters are merged when they change."""
+        self._lora_adapters().fuse()
+
+    def _lora_adapters(self) -> Any:  # a weights.lora.LoraAdapters, made on first use
+        from mmdit_flow.weights.lora import LoraAdapters
+
+        if getattr(self, "_adapters", None) is None:
+            self._adapters = LoraAdapters({"transformer": self.transformer, **self.components.text_encoders})
+        return self._adapters
 
     def enable_step_cache(self, threshold: float | None = None, *, config: CacheConfig | None = None) -> None:
         """Lossy step caching (``mmdit_flow/step_cache.py``, docs/generating.md): the first-block cache at

@@ -5,6 +5,7 @@ Every comparison is of values in fp32: transformer outputs, merged weights, prom
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -49,8 +50,6 @@ def _ours(folder):
 
 def _theirs(components, lora_path, **kw):
     """diffusers' FluxPipeline transformer after load_lora_weights."""
-    import copy
-
     pipe = diffusers_pipeline({**components, "transformer": copy.deepcopy(components["transformer"])})
     pipe.load_lora_weights(str(lora_path), **kw)
     return pipe.transformer
@@ -90,8 +89,6 @@ def test_flux_lora_export_loads_in_diffusers_with_the_same_output(flux, tmp_path
 def _diffusers_flux_lora(components, tmp_path, *, alpha, rank=2, targets=None, rslora=False):
     """A LoRA trained (here: randomized) on diffusers' Flux transformer and saved as diffusers' Flux script
     saves it: peft names and the LoraConfig (lora_alpha != rank) in the file's metadata."""
-    import copy
-
     from diffusers import FluxPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -242,3 +239,163 @@ def test_sd3_kohya_files_equal_the_lora_merged_into_original_weights(tmp_path):
     assert any("attn2" in k for k in deltas) and "final_layer.adaLN_modulation.1.weight" in deltas
     expected = _merged_by_hand(_ours(tmp_path / "base"), FAMILY, deltas)
     _assert_same_weights(load_lora(ours, save_file(sd, tmp_path / "kohya.safetensors")), expected)
+
+
+# ------------------------------------------------------------------------------------ whole-pipeline files
+
+
+def _peft_lora(model, targets, *, rank, alpha, seed):
+    """peft LoRA factors (randomized) and LoraConfig dict for a copy of ``model``, as diffusers' scripts
+    train and save them (the text encoders with --train_text_encoder)."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets)
+    model = _random_(inject_adapter_in_model(config, copy.deepcopy(model)), seed)
+    return get_peft_model_state_dict(model), config.to_dict()
+
+
+def _whole_pipeline_lora(components, folder):
+    """A LoRA file for the transformer and the CLIP text encoders, written by diffusers' save_lora_weights
+    with lora_alpha != rank in its metadata."""
+    sd3 = "tokenizer_3" in components
+    layers = {}
+    tr_targets = ["to_q", "to_k", "to_v", "add_q_proj", "to_out.0"] + ([] if sd3 else ["proj_mlp"])
+    te_targets = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
+    layers["transformer"] = _peft_lora(components["transformer"], tr_targets, rank=2, alpha=4, seed=11)
+    encoders = ["text_encoder", "text_encoder_2"] if sd3 else ["text_encoder"]
+    for i, name in enumerate(encoders):
+        layers[name] = _peft_lora(components[name], te_targets, rank=2, alpha=1 + i, seed=12 + i)
+    kwargs = {f"{n}_lora_layers": sd for n, (sd, _) in layers.items()}
+    kwargs.update({f"{n}_lora_adapter_metadata": meta for n, (_, meta) in layers.items()})
+    type(diffusers_pipeline(components)).save_lora_weights(folder, **kwargs)
+    return folder
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+@torch.no_grad()
+def test_whole_pipeline_files_adapt_the_text_encoders_as_diffusers(tmp_path, family):
+    from mmdit_flow.pipelines import TextToImagePipeline
+
+    components = sd3_components() if family == "sd3" else flux_components()
+    diffusers_pipeline(components).save_pretrained(tmp_path / "base")
+    lora = _whole_pipeline_lora(components, tmp_path / "lora")  # a folder, as diffusers takes it
+    pipe = TextToImagePipeline.from_pretrained(tmp_path / "base", device="cpu", dtype=torch.float32)
+    before = pipe.encode_prompt(["a red cat"], 16)
+    pipe.load_lora(lora)
+    ours = pipe.encode_prompt(["a red cat"], 16)
+    theirs_pipe = diffusers_pipeline(components)
+    theirs_pipe.load_lora_weights(str(lora))
+    if family == "sd3":
+        txt, _, vec, _ = theirs_pipe.encode_prompt(
+            ["a red cat"], None, None, device="cpu", max_sequence_length=16
+        )
+    else:
+        txt, vec, _ = theirs_pipe.encode_prompt(["a red cat"], None, device="cpu", max_sequence_length=16)
+    assert (ours.vec - before.vec).abs().max() > 1e-3  # the text encoders did change
+    torch.testing.assert_close(ours.txt, txt, **TOL)
+    torch.testing.assert_close(ours.vec, vec, **TOL)
+    kw = {"height": 32, "width": 32, "output_type": "np"}
+    images = pipe("a red cat", steps=2, seed=0, progress=False, max_sequence_length=16, **kw)
+    g = torch.Generator().manual_seed(0)
+    theirs = theirs_pipe("a red cat", num_inference_steps=2, generator=g, max_sequence_length=16, **kw).images
+    assert abs(images - theirs).max() < 1e-3
+
+
+# ----------------------------------------------------------------------------------------------- adapters
+
+
+def _flux_pipe(folder):
+    from mmdit_flow.pipelines import TextToImagePipeline
+
+    return TextToImagePipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
+
+
+def _state(pipe):
+    models = {"transformer": pipe.transformer, **pipe.components.text_encoders}
+    return {f"{n}.{k}": v.clone() for n, m in models.items() for k, v in m.state_dict().items()}
+
+
+@torch.no_grad()
+def test_adapters_mix_with_weights_as_diffusers_and_unload_bit_for_bit(flux, tmp_path):
+    folder, components = flux
+    one = _diffusers_flux_lora(components, tmp_path / "one", alpha=4)
+    two = _whole_pipeline_lora(components, tmp_path / "two")
+    pipe = _flux_pipe(folder)
+    base = _state(pipe)
+    assert pipe.load_lora(one, adapter_name="one") == "one"
+    assert pipe.load_lora(two, scale=0.5) == "default_1"
+    pipe.set_adapters(["one", "default_1"], [0.7, -0.4])
+    inputs = _flux_inputs()
+    theirs = diffusers_pipeline(
+        {**components, **{n: copy.deepcopy(components[n]) for n in ("transformer", "text_encoder")}}
+    )
+    theirs.load_lora_weights(str(one), adapter_name="one")
+    theirs.load_lora_weights(str(two), adapter_name="two")
+    theirs.set_adapters(["one", "two"], [0.7, -0.4])
+    torch.testing.assert_close(
+        pipe.transformer(**inputs), diffusers_velocity(theirs.transformer, **inputs), **TOL
+    )
+    txt, vec, _ = theirs.encode_prompt(["a cat"], None, device="cpu", max_sequence_length=16)
+    torch.testing.assert_close(pipe.encode_prompt(["a cat"], 16).vec, vec, **TOL)
+
+    pipe.set_adapters("one")  # weight 1, the other off
+    expected = load_lora(_ours(folder), one)(**inputs)
+    torch.testing.assert_close(pipe.transformer(**inputs), expected, **TOL)
+
+    pipe.unload_lora()
+    after = _state(pipe)
+    assert after.keys() == base.keys() and all(torch.equal(after[k], base[k]) for k in base)
+
+    pipe.load_lora(one)
+    pipe.fuse_lora()
+    fused = _state(pipe)
+    pipe.unload_lora()  # nothing left to unload: the fused weights stay
+    assert all(torch.equal(v, fused[k]) for k, v in _state(pipe).items())
+    torch.testing.assert_close(pipe.transformer(**inputs), expected, **TOL)
+
+
+def test_adapter_arguments_are_checked(flux, tmp_path):
+    folder, components = flux
+    one = _diffusers_flux_lora(components, tmp_path, alpha=4)
+    pipe = _flux_pipe(folder)
+    pipe.load_lora(one, adapter_name="one")
+    with pytest.raises(ValueError, match="'one' is already loaded"):
+        pipe.load_lora(one, adapter_name="one")
+    with pytest.raises(ValueError, match="'two' are not loaded"):
+        pipe.set_adapters(["one", "two"])
+    with pytest.raises(ValueError, match="2 names but 1 weights"):
+        pipe.set_adapters(["one", "one"], [1.0])
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        pipe.load_lora(one, scale=float("nan"))
+
+
+# ------------------------------------------------------------------------------------------------- errors
+
+
+def test_a_lora_for_the_other_family_is_named(flux, tmp_path):
+    from mmdit_flow.pipelines import TextToImagePipeline
+
+    folder, components = flux
+    flux_file = _diffusers_flux_lora(components, tmp_path / "flux", alpha=2)
+    diffusers_pipeline(sd3_components()).save_pretrained(tmp_path / "sd3")
+    sd3 = TextToImagePipeline.from_pretrained(tmp_path / "sd3", device="cpu", dtype=torch.float32)
+    with pytest.raises(ValueError, match="this is a Flux LoRA .*peft / diffusers.* the model is SD3"):
+        sd3.load_lora(flux_file)
+    kohya = {"lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight": torch.zeros(2, 32)}
+    with pytest.raises(ValueError, match="this is a SD3 LoRA \\(kohya keys\\) and the model is Flux"):
+        load_lora(_ours(folder), kohya)
+
+
+def test_keys_that_match_nothing_and_shapes_that_do_not_fit_are_named(flux):
+    folder, _ = flux
+    model = _ours(folder)
+    with pytest.raises(ValueError, match=r"lora_unet_foo.lora_down.weight match no layer .*\(kohya keys\)"):
+        load_lora(model, {"lora_unet_foo.lora_down.weight": torch.zeros(2, 32)})
+    bad = {
+        "transformer.single_transformer_blocks.0.proj_mlp.lora_A.weight": torch.zeros(2, 32),
+        "transformer.single_transformer_blocks.0.proj_mlp.lora_B.weight": torch.zeros(100, 2),
+    }
+    with pytest.raises(ValueError, match=r"single_transformer_blocks.0.proj_mlp is 100 x 32 .* 128 x 32"):
+        load_lora(model, bad)
+    with pytest.raises(ValueError, match="holds no tensors"):
+        load_lora(model, {})
