@@ -399,3 +399,47 @@ def test_keys_that_match_nothing_and_shapes_that_do_not_fit_are_named(flux):
         load_lora(model, bad)
     with pytest.raises(ValueError, match="holds no tensors"):
         load_lora(model, {})
+
+
+@torch.no_grad()
+def test_kohya_text_encoder_keys_adapt_clip_as_diffusers(flux, tmp_path):
+    """sd-scripts' ``lora_te1_*`` (CLIP-L, module names with underscores) beside ``lora_unet_*``."""
+    folder, components = flux
+    clip = {f"{n}.weight": m.weight for n, m in components["text_encoder"].named_modules() if "layers.0." in n
+            and isinstance(m, torch.nn.Linear)}  # fmt: skip
+    te, _ = _original_lora(clip, "lora_te1_", "_", ("lora_down", "lora_up"), seed=7)
+    unet, _ = _original_lora({"double_blocks.0.img_attn.qkv.weight": torch.zeros(96, 32)}, *KOHYA, seed=8)
+    file = save_file({**te, **unet}, tmp_path / "kohya.safetensors")
+    pipe = _flux_pipe(folder)
+    pipe.load_lora(file)
+    theirs = diffusers_pipeline({**components, "text_encoder": copy.deepcopy(components["text_encoder"])})
+    theirs.load_lora_weights(str(file))
+    _, vec, _ = theirs.encode_prompt(["a cat"], None, device="cpu", max_sequence_length=16)
+    _, before, _ = diffusers_pipeline(components).encode_prompt(["a cat"], None, device="cpu")
+    assert (vec - before).abs().max() > 1e-3
+    torch.testing.assert_close(pipe.encode_prompt(["a cat"], 16).vec, vec, **TOL)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+@torch.no_grad()
+def test_written_kohya_files_read_back_as_the_same_lora(flux, tmp_path, family):
+    """``write_lora(..., naming=KOHYA)``: original names, the fused layers whole, alpha folded into B."""
+    from mmdit_flow.training.lora import lora_layers, merged_copy
+    from mmdit_flow.weights.lora import write_lora
+    from mmdit_flow.weights.lora_formats import KOHYA as KOHYA_NAMING
+
+    if family == "flux":
+        base = flux[0]
+    else:
+        base = tmp_path / "sd3"
+        diffusers_pipeline(sd3_components()).save_pretrained(base)
+    targets = (
+        ["qkv", "fc1", "mod.lin", "final.linear"] if family == "sd3" else ["qkv", "linear1", "img_mod.lin"]
+    )
+    model = add_lora(_ours(base), LoRAConfig(rank=2, alpha=5.0, target_modules=targets))
+    model = _random_(model, 9).eval()
+    path = write_lora(model, lora_layers(model), tmp_path / "kohya.safetensors", naming=KOHYA_NAMING)
+    keys = load_file(path).keys()
+    assert all(k.startswith("lora_unet_") and (".lora_down." in k or ".lora_up." in k) for k in keys)
+    assert any("_qkv.lora_down" in k for k in keys)  # the fused layer whole, as sd-scripts names it
+    _assert_same_weights(load_lora(_ours(base), path), merged_copy(model).state_dict())

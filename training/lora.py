@@ -1,8 +1,9 @@
 """LoRA fine-tuning through peft: add adapters to a transformer, read them back, save or merge them.
 
 A LoRA on a linear layer W [out, in] adds ``delta W = (alpha / r) * B @ A`` with A [r, in], B [out, r]. peft
-wraps each targeted ``nn.Linear`` of our model (fused ``qkv`` included) in place; the file format (diffusers'
-names, the fused layer written as separate q / k / v adapters) is ``mmdit_flow.weights.lora``.
+wraps each targeted ``nn.Linear`` of our model (SD3 or Flux; fused ``qkv`` and Flux's ``linear1`` included)
+in place; the file format (diffusers' names, a fused layer written as separate q / k / v (/ mlp) adapters,
+alpha folded into B; or any naming of ``mmdit_flow.weights.lora_formats``) is ``mmdit_flow.weights.lora``.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
 
 def save_lora(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the model's LoRA as a file (safetensors, diffusers' names) that diffusers'
-    ``load_lora_weights`` reads."""
+    ``StableDiffusion3Pipeline`` / ``FluxPipeline.load_lora_weights`` reads."""
     return write_lora(model, lora_layers(model), path)
 
 
