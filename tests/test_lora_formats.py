@@ -443,3 +443,22 @@ def test_written_kohya_files_read_back_as_the_same_lora(flux, tmp_path, family):
     assert all(k.startswith("lora_unet_") and (".lora_down." in k or ".lora_up." in k) for k in keys)
     assert any("_qkv.lora_down" in k for k in keys)  # the fused layer whole, as sd-scripts names it
     _assert_same_weights(load_lora(_ours(base), path), merged_copy(model).state_dict())
+
+
+@torch.no_grad()
+def test_adapters_change_compiled_blocks_without_compiling_again(flux, tmp_path):
+    folder, components = flux
+    one = _diffusers_flux_lora(components, tmp_path, alpha=4)
+    pipe = _flux_pipe(folder)
+    pipe.compile(backend="aot_eager", warmup=False)
+    inputs = _flux_inputs()
+    pipe.transformer(**inputs)
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    assert before > 0  # the blocks did compile
+    pipe.load_lora(one)
+    torch.testing.assert_close(pipe.transformer(**inputs), load_lora(_ours(folder), one)(**inputs), **TOL)
+    pipe.unload_lora()
+    torch.testing.assert_close(pipe.transformer(**inputs), _ours(folder)(**inputs), **TOL)
+    assert counters["stats"]["unique_graphs"] == before
