@@ -26,15 +26,23 @@ valid), and unloading copies W0 back bit for bit; the price is one copy of the a
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from mmdit_flow.weights.formats import KeyFormat, StateDict
-from mmdit_flow.weights.io import PICKLE_SUFFIXES, CheckpointError, _names, read_checkpoint, save_file
+from mmdit_flow.weights.io import (
+    PICKLE_SUFFIXES,
+    Checkpoint,
+    CheckpointError,
+    _names,
+    read_checkpoint,
+    save_file,
+)
 from mmdit_flow.weights.keymap import Rule, join, split
 from mmdit_flow.weights.lora_formats import (
     DIFFUSERS,
@@ -157,7 +165,7 @@ def read_lora(
 
 def read_lora_checkpoint(
     path: str | os.PathLike, *, weight_name: str | None = None, allow_pickle: bool = False
-) -> Any:
+) -> Checkpoint:
     """The tensors and the metadata (diffusers' ``lora_adapter_metadata``) of a LoRA file or folder."""
     file = find_lora_file(path, weight_name=weight_name, allow_pickle=allow_pickle)
     return read_checkpoint(file, allow_pickle=allow_pickle)
@@ -213,14 +221,8 @@ def _no_match(keys: list[str], fam: KeyFormat, targets: Targets, naming: LoraNam
     )
 
 
-def parse_lora(targets: Targets, sd: StateDict, metadata: dict[str, str] | None = None) -> Layers:
-    """A LoRA file's tensors (and metadata) -> the LoRA of each adapted layer of ``targets`` (one must be
-    ``"transformer"``), alpha folded into B as diffusers would scale it; the format is the one whose
-    generated keys match the file's."""
-    fam, inner = _family(targets[TRANSFORMER])
-    targets = {**targets, TRANSFORMER: inner}
-    if not sd:
-        raise ValueError("the LoRA holds no tensors; is it the right file?")
+def _naming_of(sd: StateDict, fam: KeyFormat, targets: Targets) -> tuple[LoraNaming, dict, dict, dict]:
+    """The format whose generated keys match most of the file's, with its lookups and rules."""
     best = None
     for naming in NAMINGS:
         factors, alphas, rules = _lookups(naming, fam, targets)
@@ -229,22 +231,11 @@ def parse_lora(targets: Targets, sd: StateDict, metadata: dict[str, str] | None 
             best = (n, naming, factors, alphas, rules)
     if best is None:
         raise _no_match(list(sd), fam, targets, None)
-    _, naming, factor_keys, alpha_keys, rules = best
-    found: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    prefixes: dict[str, str] = {}
-    alpha_values, unknown = {}, []
-    for key, value in sd.items():
-        if key in factor_keys:
-            target, prefix, module, factor = factor_keys[key]
-            found.setdefault((target, module), {})[factor] = value.float()
-            prefixes[target] = prefix
-        elif key in alpha_keys:
-            alpha_values[key] = float(value)
-        else:
-            unknown.append(key)
-    if unknown:
-        raise _no_match(unknown, fam, targets, naming)
-    scales = Scales.of(naming, alpha_values, metadata or {})
+    return best[1:]
+
+
+def _scaled_parts(found: dict, prefixes: dict[str, str], naming: LoraNaming, scales: Scales) -> dict:
+    """{(target, their module): (A, B, scale)}, each module's factors checked to be both there and to fit."""
     parts: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor, float]] = {}
     for (target, module), ab in found.items():
         prefix = prefixes[target]
@@ -262,6 +253,33 @@ def parse_lora(targets: Targets, sd: StateDict, metadata: dict[str, str] | None 
                 f"and {list(B.shape)}); the file is damaged"
             )
         parts[(target, module)] = (A, B, scales.scale(target, prefix, module, A.shape[0]))
+    return parts
+
+
+def parse_lora(targets: Targets, sd: StateDict, metadata: dict[str, str] | None = None) -> Layers:
+    """A LoRA file's tensors (and metadata) -> the LoRA of each adapted layer of ``targets`` (one must be
+    ``"transformer"``), alpha folded into B as diffusers would scale it; the format is the one whose
+    generated keys match the file's."""
+    fam, inner = _family(targets[TRANSFORMER])
+    targets = {**targets, TRANSFORMER: inner}
+    if not sd:
+        raise ValueError("the LoRA holds no tensors; is it the right file?")
+    naming, factor_keys, alpha_keys, rules = _naming_of(sd, fam, targets)
+    found: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    prefixes: dict[str, str] = {}
+    alpha_values, unknown = {}, []
+    for key, value in sd.items():
+        if key in factor_keys:
+            target, prefix, module, factor = factor_keys[key]
+            found.setdefault((target, module), {})[factor] = value.float()
+            prefixes[target] = prefix
+        elif key in alpha_keys:
+            alpha_values[key] = float(value)
+        else:
+            unknown.append(key)
+    if unknown:
+        raise _no_match(unknown, fam, targets, naming)
+    parts = _scaled_parts(found, prefixes, naming, Scales.of(naming, alpha_values, metadata or {}))
     layers: Layers = {}
     for target, table in rules.items():
         for ours, rule in table.items():
@@ -429,7 +447,5 @@ class LoraAdapters:
 
 
 def _check_weight(name: str, value: float) -> None:
-    import math
-
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number (a LoRA's weight), not {value!r}")
