@@ -174,3 +174,44 @@ def test_written_defaults_are_what_the_pipeline_reads(tmp_path):
     d = ModelDefaults.from_json(data, family="sd3", native_size=64, source=str(tmp_path / FILE))
     assert (d.steps, d.guidance, d.height, d.width) == (28, 3.0, 64, 64)
     assert d.unknown_words(["a drawing of a cat on a blue background"]) == ["drawing"]
+
+
+@needs_font
+@pytest.mark.slow
+def test_the_recipe_makes_a_folder_that_diffusers_loads_with_our_images(tmp_path, monkeypatch):
+    """components -> prepare -> mmdit-flow cache -> train (a few steps) -> assemble, then both pipelines."""
+    import subprocess
+    import sys
+
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    from mmdit_flow.pipelines import TextToImagePipeline
+    from mmdit_flow.pipelines.cli import main as cli
+    from mmdit_flow.training.recipes.tiny_emoji import components, ship
+
+    monkeypatch.chdir(tmp_path)
+    parts = tmp_path / "parts"
+    components.build_text_encoders(parts, seed=0)
+    vae = components.train_vae(parts, steps=4, eval_images=8)
+    assert 0.0 <= vae["judge_top1"] <= 1.0 and vae["n_images"] == 8
+    ship.prepare("runs/tiny-emoji", parts, images_per_emoji=1)
+    over = ["schedule.max_steps=3", "model.compile=false", "output.checkpoint_every=3", "data.batch_size=4"]
+    assert cli(["cache", str(ship.CONFIG)]) == 0
+    done = subprocess.run([sys.executable, "-m", "mmdit_flow.training", str(ship.CONFIG), *over],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = ship.assemble(
+        "runs/tiny-emoji/train", tmp_path / "tiny-emoji", components=parts, guidance=3.0
+    ).parent
+    assert (out / "LICENSE-emoji.txt").read_text().startswith("Pictures: Noto Color Emoji")
+    ours = TextToImagePipeline.from_pretrained(out)
+    assert (ours.defaults.guidance, ours.defaults.steps) == (3.0, 28)
+    with pytest.warns(UserWarning, match="'drawing'"):
+        mine = ours("a drawing of a cat", steps=2, seed=0, output="np", progress=False)
+    ref = StableDiffusion3Pipeline.from_pretrained(out)
+    theirs = ref(
+        "a drawing of a cat", num_inference_steps=2, guidance_scale=3.0, height=64, width=64,
+        max_sequence_length=32, generator=torch.Generator().manual_seed(0), output_type="np",
+    ).images  # fmt: skip
+    assert np.abs(mine - theirs).max() <= 1e-3
