@@ -233,7 +233,7 @@ class TextToImagePipeline:
         family, adapting the transformer and, in whole-pipeline files, the text encoders. Several adapters
         are active at once (``set_adapters``); the models hold W0 + sum_i w_i B_i A_i, so generation costs
         what it costs without LoRAs, and ``unload_lora`` restores the base weights bit for bit
-        (``weights/lora.py``: ``LoraAdapters``)."""
+        (``weights/lora_adapters.py``)."""
         return self._lora_adapters().load(
             path, scale, adapter_name=adapter_name, weight_name=weight_name, allow_pickle=allow_pickle
         )
@@ -251,8 +251,8 @@ class TextToImagePipeline:
         already as fast as without LoRAs, since adapters are merged when they change."""
         self._lora_adapters().fuse()
 
-    def _lora_adapters(self) -> Any:  # a weights.lora.LoraAdapters, made on first use
-        from mmdit_flow.weights.lora import LoraAdapters
+    def _lora_adapters(self) -> Any:  # a weights.lora_adapters.LoraAdapters, made on first use
+        from mmdit_flow.weights.lora_adapters import LoraAdapters
 
         if getattr(self, "_adapters", None) is None:
             self._adapters = LoraAdapters({"transformer": self.transformer, **self.components.text_encoders})

@@ -397,17 +397,25 @@ def test_keys_that_match_nothing_and_shapes_that_do_not_fit_are_named(flux):
     }
     with pytest.raises(ValueError, match=r"single_transformer_blocks.0.proj_mlp is 100 x 32 .* 128 x 32"):
         load_lora(model, bad)
+    dora = {
+        "transformer.single_transformer_blocks.0.proj_out.lora_A.weight": torch.zeros(2, 160),
+        "transformer.single_transformer_blocks.0.proj_out.lora_B.weight": torch.zeros(32, 2),
+        "transformer.single_transformer_blocks.0.proj_out.lora_magnitude_vector": torch.zeros(32),
+    }
+    with pytest.raises(ValueError, match="magnitude_vector match no layer.*DoRA, which is not supported"):
+        load_lora(model, dora)
     with pytest.raises(ValueError, match="holds no tensors"):
         load_lora(model, {})
 
 
+@pytest.mark.parametrize("prefix", ["lora_te1_", "lora_te_"])
 @torch.no_grad()
-def test_kohya_text_encoder_keys_adapt_clip_as_diffusers(flux, tmp_path):
+def test_kohya_text_encoder_keys_adapt_clip_as_diffusers(flux, tmp_path, prefix):
     """sd-scripts' ``lora_te1_*`` (CLIP-L, module names with underscores) beside ``lora_unet_*``."""
     folder, components = flux
     clip = {f"{n}.weight": m.weight for n, m in components["text_encoder"].named_modules() if "layers.0." in n
             and isinstance(m, torch.nn.Linear)}  # fmt: skip
-    te, _ = _original_lora(clip, "lora_te1_", "_", ("lora_down", "lora_up"), seed=7)
+    te, _ = _original_lora(clip, prefix, "_", ("lora_down", "lora_up"), seed=7)
     unet, _ = _original_lora({"double_blocks.0.img_attn.qkv.weight": torch.zeros(96, 32)}, *KOHYA, seed=8)
     file = save_file({**te, **unet}, tmp_path / "kohya.safetensors")
     pipe = _flux_pipe(folder)

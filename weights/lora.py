@@ -1,4 +1,4 @@
-"""LoRA files: find, read and write them; merge them, or keep several as adapters with a weight each.
+"""LoRA files: find, read and write them; turn them into each layer's factors; merge them into a model.
 
 A LoRA on a linear layer W [out, in] adds ``delta W = scale * B @ A`` with A [r, in], B [out, r]. A file
 names each adapted layer's factors in some format's module names (``lora_formats.py``: diffusers / peft,
@@ -17,16 +17,12 @@ goes the other way for any such file (separate A per part included): the parts' 
 the blocks of a block-diagonal B (zero rows for parts the file leaves out), joined by the rule
 (``keymap.join``): one exact low-rank factor pair for our layer.
 
-Adapters (``LoraAdapters``, what ``pipe.load_lora`` / ``set_adapters`` / ``unload_lora`` / ``fuse_lora``
-use): the base weights of the adapted layers are kept, and on each change every adapted weight is set to
-W0 + sum_i w_i B_i A_i. Generation then runs plain merged weights (no per-step cost, compiled graphs stay
-valid), and unloading copies W0 back bit for bit; the price is one copy of the adapted layers' weights.
+Several LoRAs at once, each with a weight, and unloading: ``lora_adapters.py``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -323,9 +319,10 @@ def lora_deltas(model: nn.Module, sd: StateDict, metadata: dict[str, str] | None
     }
 
 
-def _source(
+def lora_source(
     lora: str | os.PathLike | StateDict, weight_name: str | None, allow_pickle: bool
 ) -> tuple[StateDict, dict[str, str]]:
+    """The tensors and file metadata of a LoRA given as a path or as its tensors."""
     if isinstance(lora, dict):
         return lora, {}
     checkpoint = read_lora_checkpoint(lora, weight_name=weight_name, allow_pickle=allow_pickle)
@@ -343,109 +340,10 @@ def load_lora(
 ) -> nn.Module:
     """Merge a transformer LoRA (a file in any format of ``lora_formats``, a folder holding one, or its
     tensors) into ``model``: W <- W + scale * B @ A. Merging again adds again; reload the model to remove a
-    LoRA (or use a pipeline's adapters)."""
-    sd, metadata = _source(lora, weight_name, allow_pickle)
+    LoRA (or use ``lora_adapters.LoraAdapters``, as a pipeline does)."""
+    sd, metadata = lora_source(lora, weight_name, allow_pickle)
     _, inner = _family(model)
     for (_, name), layer in parse_lora({TRANSFORMER: model}, sd, metadata).items():
         p = inner.get_parameter(f"{name}.weight")
         p.add_((layer.B @ layer.A * (layer.scale * scale)).to(p))
     return model
-
-
-# --------------------------------------------------------------------------------------------------- adapters
-
-
-class LoraAdapters:
-    """Named LoRAs on a set of models (a pipeline's transformer and text encoders), each active with a weight.
-
-    The base value of every adapted weight is kept; after each change each adapted weight is recomputed as
-    W0 + sum over active adapters of weight_i * B_i A_i (in fp32, then cast to the weight's dtype), so the
-    models always hold plain merged weights and ``unload`` restores W0 exactly."""
-
-    def __init__(self, targets: Targets):
-        self.targets = {k: v for k, v in targets.items() if v is not None}
-        self.adapters: dict[str, Layers] = {}
-        self.weights: dict[str, float] = {}  # the active adapters and their weights, in load order
-        self._base: dict[tuple[str, str], torch.Tensor] = {}
-
-    def _param(self, target: str, module: str) -> nn.Parameter:
-        model = self.targets[target]
-        if target == TRANSFORMER:
-            model = family_of_model(model)[1]
-        return model.get_parameter(f"{module}.weight")
-
-    def load(
-        self,
-        lora: str | os.PathLike | StateDict,
-        scale: float = 1.0,
-        *,
-        adapter_name: str | None = None,
-        weight_name: str | None = None,
-        allow_pickle: bool = False,
-    ) -> str:
-        """Add a LoRA as an adapter active at ``scale``; returns its name (``default_<n>`` when not given)."""
-        name = adapter_name if adapter_name is not None else f"default_{len(self.adapters)}"
-        if name in self.adapters:
-            raise ValueError(
-                f"adapter_name {name!r} is already loaded ({', '.join(self.adapters)}); choose another name "
-                "or pipe.unload_lora() first"
-            )
-        _check_weight("scale", scale)
-        sd, metadata = _source(lora, weight_name, allow_pickle)
-        layers = parse_lora(self.targets, sd, metadata)
-        for key in layers:
-            if key not in self._base:
-                self._base[key] = self._param(*key).detach().clone()
-        self.adapters[name] = layers
-        self.weights[name] = float(scale)
-        self._apply()
-        return name
-
-    def set_adapters(self, names: str | list[str], weights: float | list[float] | None = None) -> None:
-        """Make exactly ``names`` active, with ``weights`` (one each, or one for all; default 1)."""
-        names = [names] if isinstance(names, str) else list(names)
-        if unknown := [n for n in names if n not in self.adapters]:
-            loaded = ", ".join(self.adapters) or "none"
-            raise ValueError(f"adapter(s) {', '.join(map(repr, unknown))} are not loaded (loaded: {loaded})")
-        if weights is None:
-            weights = [1.0] * len(names)
-        elif isinstance(weights, int | float):
-            weights = [float(weights)] * len(names)
-        weights = list(weights)
-        if len(weights) != len(names):
-            raise ValueError(f"set_adapters got {len(names)} names but {len(weights)} weights; give one each")
-        for w in weights:
-            _check_weight("weights", w)
-        self.weights = {n: float(w) for n, w in zip(names, weights, strict=True)}
-        self._apply()
-
-    def unload(self) -> None:
-        """Remove every adapter: each adapted weight back to its base value, bit for bit."""
-        self.weights = {}
-        self._apply()
-        self.adapters, self._base = {}, {}
-
-    def fuse(self) -> None:
-        """Keep the current weights as the base and drop the adapters (and the base copies they need)."""
-        self.adapters, self.weights, self._base = {}, {}, {}
-
-    @torch.no_grad()
-    def _apply(self) -> None:
-        for key, base in self._base.items():
-            p = self._param(*key)
-            terms = [
-                (w, self.adapters[n][key]) for n, w in self.weights.items() if key in self.adapters[n] and w
-            ]
-            if not terms:
-                p.copy_(base)
-                continue
-            w = base.to(p.device, torch.float32)
-            for weight, layer in terms:
-                A, B = layer.A.to(p.device), layer.B.to(p.device)
-                w = w + (weight * layer.scale) * (B @ A)
-            p.copy_(w.to(p.dtype))
-
-
-def _check_weight(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number (a LoRA's weight), not {value!r}")

@@ -28,7 +28,7 @@ import json
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -79,12 +79,12 @@ KOHYA = LoraNaming(
     alpha="kohya",
     family_prefixes={"flux": {"text_encoder_2": "lora_te3_"}},  # sd-scripts' Flux T5
 )
-COMFYUI = LoraNaming("ComfyUI", {"transformer": "diffusion_model."}, "original", ("lora_down", "lora_up"),
-                     alpha="kohya")  # fmt: skip
-ORIGINAL_PEFT = LoraNaming(
-    "original names with peft factors", {"transformer": "diffusion_model."}, "original"
-)
-NAMINGS = (DIFFUSERS, KOHYA, COMFYUI, ORIGINAL_PEFT)
+# sd-scripts' older single-CLIP prefix (Flux files), as diffusers' converter also takes it
+KOHYA_TE = replace(KOHYA, prefixes={**KOHYA.prefixes, "text_encoder": "lora_te_"})
+_ORIGINAL = {"transformer": "diffusion_model."}
+COMFYUI = LoraNaming("ComfyUI", _ORIGINAL, "original", ("lora_down", "lora_up"), alpha="kohya")
+ORIGINAL_PEFT = LoraNaming("original names with peft factors", _ORIGINAL, "original")
+NAMINGS = (DIFFUSERS, KOHYA, KOHYA_TE, COMFYUI, ORIGINAL_PEFT)
 
 
 def transformer_rules(fam: KeyFormat, config: object, naming: LoraNaming) -> dict[str, Rule]:
@@ -171,6 +171,10 @@ def looks_like(keys: list[str]) -> str | None:
 
 def format_of(keys: list[str]) -> str:
     """A guess at a file's format from its keys, for error messages."""
+    if any("dora_scale" in k or "lora_magnitude_vector" in k for k in keys):
+        return "DoRA, which is not supported"
+    if any(".lora_B.bias" in k or ".lora_up.bias" in k for k in keys):
+        return "LoRA with biases, which is not supported"
     if any(k.startswith("lora_unet_") or k.startswith("lora_te") for k in keys):
         return "kohya"
     if any(".lora_down." in k for k in keys):
