@@ -33,7 +33,7 @@ VAE_ARCH = vae_train.VAEArch(block_out_channels=(32, 64, 64))
 VAE_STEPS = 4000
 VAE_BATCH = 8
 # Unweighted loss: tiny-shapes' extra weight on object pixels (4) left a tinted background and 22.2 dB,
-# 8 % judge top-1 after 3000 steps; weight 0 and 4000 steps: 27.5 dB, 94.7 % (docs/tiny-emoji.md).
+# 83 % judge top-1 after 3000 steps; weight 0 and 4000 steps: 27.5 dB, 94.7 % (docs/tiny-emoji.md).
 VAE_FOREGROUND_WEIGHT = 0.0
 
 
