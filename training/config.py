@@ -44,9 +44,9 @@ TRACKERS = (
 
 @dataclass
 class ModelConfig:
-    preset: str | None = None  # an SD3Config preset name: train from scratch
+    preset: str | None = None  # train from scratch: an SD3Config preset name, or flux_dev / flux_schnell
     pretrained: str | None = None  # a diffusers folder (or its transformer/ subfolder): fine-tune
-    overrides: dict[str, Any] = field(default_factory=dict)  # SD3Config fields replaced on the preset
+    overrides: dict[str, Any] = field(default_factory=dict)  # SD3Config / FluxConfig fields replaced
     components: str | None = None  # diffusers folder with vae/ and text encoders; defaults to `pretrained`
     max_sequence_length: int | None = None  # T5 tokens; None: the model's (see training/resolve.py)
     gradient_checkpointing: bool = False
@@ -59,6 +59,8 @@ class ModelConfig:
 class LoRAConfig:
     rank: int = 0  # 0: full fine-tune; > 0: train LoRA adapters of this rank only
     alpha: float | None = None  # scale is alpha / rank; None means alpha = rank
+    # suffixes of the linear layers to adapt; this default (attention in / out) means Flux's double blocks'
+    # img_attn / txt_attn qkv and proj for a Flux model (training/resolve.py)
     target_modules: list[str] = field(default_factory=lambda: ["attn.qkv", "attn.proj"])
     dropout: float = 0.0
 
@@ -98,6 +100,17 @@ class ObjectiveConfig:
     logit_std: float = 1.0
     mode_scale: float = 1.29
     caption_dropout: dict[str, float] = field(default_factory=dict)  # text encoder name -> probability
+    # Flux only (docs/training.md, "Flux"). guidance: the guidance input of a guidance-embedded model, one
+    # value (None: 3.5, as diffusers' Flux scripts) or a range [low, high] drawn uniformly per sample
+    guidance: list[float] | None = None
+    # resolution-dependent shift: t <- shift t / (1 + (shift - 1) t) with shift = exp(mu), mu linear in the
+    # image tokens (H / 2)(W / 2) from base_shift at base_seq_len to max_shift at max_seq_len (diffusers'
+    # calculate_shift); replaces objective.shift, which must stay 1
+    dynamic_shift: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
 
 
 @dataclass
@@ -319,6 +332,25 @@ def validate(c: TrainConfig) -> None:
 
 def _check_objective(o: ObjectiveConfig) -> None:
     """The keys each objective kind needs, and none that it would silently ignore."""
+    if o.guidance is not None:
+        if len(o.guidance) not in (1, 2):
+            raise ValueError(
+                f"objective.guidance must be one number (e.g. 3.5) or a range [low, high], got {o.guidance}"
+            )
+        for i, g in enumerate(o.guidance):
+            _positive(f"objective.guidance[{i}]", g, zero_ok=True)
+        if len(o.guidance) == 2 and o.guidance[0] > o.guidance[1]:
+            raise ValueError(f"objective.guidance range [low, high] needs low <= high, got {o.guidance}")
+    if o.dynamic_shift:
+        if o.shift != 1.0:
+            raise ValueError(
+                "objective.dynamic_shift replaces objective.shift (the shift then follows the image size); "
+                f"remove objective.shift (it is {o.shift:g})"
+            )
+        _positive("objective.base_seq_len", o.base_seq_len)
+        _number("objective.max_seq_len", o.max_seq_len, o.base_seq_len, low_ok=False)
+        _number("objective.base_shift", o.base_shift)
+        _number("objective.max_shift", o.max_shift)
     _positive("objective.teacher_guidance", o.teacher_guidance, zero_ok=True)
     _positive("objective.student_steps", o.student_steps, zero_ok=True)
     if o.kind in DISTILLATION:

@@ -72,12 +72,12 @@ def export_final(
         return save_transformer(model, out / "final" / "transformer", format="diffusers").parent
     from mmdit_flow.pipelines.defaults import FILE
     from mmdit_flow.weights.io import write_json
-    from mmdit_flow.weights.sd3_keys import config_to_diffusers
+    from mmdit_flow.weights.transformer import family_of_model
 
     components = conditioner.pipe.components
     saved = components.transformer, components.transformer_config
     components.transformer = model
-    components.transformer_config = config_to_diffusers(model.config)
+    components.transformer_config = family_of_model(model)[0].config_to_diffusers(model.config)
     try:
         folder = conditioner.pipe.save_pretrained(out / "final")
     finally:

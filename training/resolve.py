@@ -11,8 +11,9 @@ first of:
    ``model.pretrained``; 8 without a VAE), and the T5 length the pipeline uses: 256 for SD3, 512 for
    Flux, at most the T5 tokenizer's ``model_max_length``.
 
-``shipped:NAME`` folders become their paths. The resolved config is what the run logs, saves as
-``<output.dir>/config.yaml`` and exports.
+``shipped:NAME`` folders become their paths. For a Flux model the default ``lora.target_modules`` (the
+attention projections) becomes the same layers in Flux's names (``FLUX_LORA_TARGETS``). The resolved
+config is what the run logs, saves as ``<output.dir>/config.yaml`` and exports.
 
 ``check_size`` runs before any image is encoded: every training image side (``data.resolution``, the largest
 bucket, or the largest image of a cache) must fit the SD3 position table, at most
@@ -34,6 +35,13 @@ logger = logging.getLogger(__name__)
 
 SD3_VAE_SCALE = 8  # SD3's and Flux's VAEs; used when the run has no VAE to read it from
 T5_SLOT = {"sd3": "tokenizer_3", "flux": "tokenizer_2"}
+# lora.target_modules' default (attention in and out projections) and the same layers in Flux's double blocks
+SD3_LORA_TARGETS = ["attn.qkv", "attn.proj"]
+FLUX_LORA_TARGETS = ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj")
+FLUX_PRESETS = {
+    "flux_dev": "FLUX_DEV",
+    "flux_schnell": "FLUX_SCHNELL",
+}  # model.preset -> mmdit_flow.models.flux
 
 
 @dataclass(frozen=True)
@@ -67,15 +75,25 @@ def transformer_config(config: TrainConfig) -> Any:
 
     m = config.model
     if m.preset is not None:
-        from mmdit_flow.models.sd3 import SD3Config
+        if m.preset in FLUX_PRESETS:
+            from mmdit_flow.models import flux
 
-        fields = {f.name for f in dataclasses.fields(SD3Config)}
+            base, kind = getattr(flux, FLUX_PRESETS[m.preset]), flux.FluxConfig
+        else:
+            from mmdit_flow.models.sd3 import PRESETS, SD3Config
+
+            if m.preset not in PRESETS:
+                names = ", ".join([*PRESETS, *FLUX_PRESETS])
+                raise ValueError(f"model.preset: unknown preset {m.preset!r}; choose one of {names}")
+            base, kind = SD3Config.preset(m.preset), SD3Config
+        fields = {f.name for f in dataclasses.fields(kind)}
         unknown = sorted(set(m.overrides) - fields)
         if unknown:
             raise ValueError(
-                f"model.overrides: unknown SD3Config fields {unknown}; valid: {', '.join(sorted(fields))}"
+                f"model.overrides: unknown {kind.__name__} fields {unknown}; "
+                f"valid: {', '.join(sorted(fields))}"
             )
-        return dataclasses.replace(SD3Config.preset(m.preset), **m.overrides)
+        return dataclasses.replace(base, **m.overrides)
     path = Path(model_folder(m.pretrained))
     for folder in (path / "transformer", path):
         if (folder / "config.json").is_file():
@@ -184,7 +202,10 @@ def resolve_config(config: TrainConfig, model_config: Any = None) -> tuple[Train
         max_sequence_length=length,
     )
     data = dataclasses.replace(d, resolution=resolution)
-    return dataclasses.replace(config, model=model, data=data), size
+    lora = config.lora
+    if family == "flux" and lora.target_modules == SD3_LORA_TARGETS:  # the default: the same layers in Flux
+        lora = dataclasses.replace(lora, target_modules=list(FLUX_LORA_TARGETS))
+    return dataclasses.replace(config, model=model, data=data, lora=lora), size
 
 
 def _sides(config: TrainConfig) -> tuple[int, str]:
@@ -221,4 +242,27 @@ def check_size(config: TrainConfig, size: ModelSize) -> None:
             f"{what}, but this model needs image sides that are multiples of {size.multiple} px (patch "
             f"{size.patch} x VAE scale {size.vae_scale}); set data.resolution (and data.bucket_step) to "
             f"multiples of {size.multiple}, e.g. {size.native}"
+        )
+
+
+def check_family(config: TrainConfig, model_config: Any) -> None:
+    """Raise a ``ConfigError`` for Flux-only objective keys on a model that does not take them."""
+    o = config.objective
+    flux = hasattr(model_config, "guidance_embed")
+    model = config.model.pretrained or f"preset {config.model.preset}"
+    if o.guidance is not None and not (flux and model_config.guidance_embed):
+        what = "a Flux model without guidance embedding (schnell-like)" if flux else "an SD3 model"
+        raise ConfigError(
+            f"objective.guidance is the guidance input of a guidance-embedded Flux model (FLUX.1-dev); the "
+            f"model ({model}) is {what}, which takes none: remove objective.guidance"
+        )
+    if o.dynamic_shift and not flux:
+        raise ConfigError(
+            f"objective.dynamic_shift is Flux's resolution-dependent shift; the model ({model}) is an SD3 "
+            "model: remove it and set objective.shift (SD3 trains with 3.0)"
+        )
+    if flux and o.kind != "flow" and (o.dynamic_shift or model_config.guidance_embed):
+        raise ConfigError(
+            f"objective.kind {o.kind} is not supported for a guidance-embedded Flux model or with "
+            "objective.dynamic_shift yet; use objective.kind flow"
         )

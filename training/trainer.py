@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmdit_flow.flow import cfm_loss, sample_t, shift_t
+from mmdit_flow.flow import cfm_loss, flux_mu, sample_t, shift_t
 from mmdit_flow.training import objectives
 from mmdit_flow.training.cache import CachedDataset, Conditioner, TextParts, combine, drop_captions
 from mmdit_flow.training.checkpoint import (
@@ -51,11 +51,12 @@ from mmdit_flow.training.data import (
     ShardStream,
     StepSampler,
     collate,
+    sample_seed,
     scan_folder,
 )
 from mmdit_flow.training.ema import EMA
 from mmdit_flow.training.export import export_final, validation_grid
-from mmdit_flow.training.resolve import check_size, resolve_config, transformer_config
+from mmdit_flow.training.resolve import check_family, check_size, resolve_config, transformer_config
 from mmdit_flow.training.run_info import check_resume, plan, run_record, stopped, wrote
 
 logger = logging.getLogger(__name__)
@@ -93,12 +94,14 @@ class TrainState:
 
 
 def build_model(config: TrainConfig) -> nn.Module:
-    """A preset SD3 transformer (with ``model.overrides``) in fp32, or the one of ``model.pretrained``."""
+    """A preset SD3 or Flux transformer (``model.overrides`` applied) in fp32, or ``model.pretrained``'s."""
     m = config.model
     if m.preset is not None:
+        from mmdit_flow.models.flux import FluxConfig, FluxTransformer
         from mmdit_flow.models.sd3 import SD3Transformer
 
-        model = SD3Transformer(transformer_config(config))
+        shapes = transformer_config(config)
+        model = (FluxTransformer if isinstance(shapes, FluxConfig) else SD3Transformer)(shapes)
     else:
         from mmdit_flow.weights import load_transformer
 
@@ -206,6 +209,47 @@ def sample_draws(
     return torch.cat(ts), torch.stack(noises), {n: flags[:, i] for i, n in enumerate(encoders)}
 
 
+DEFAULT_GUIDANCE = 3.5  # diffusers' train_dreambooth_flux.py --guidance_scale default (and FLUX.1-dev's)
+
+
+def sample_guidance(seeds: torch.Tensor, objective: Any) -> torch.Tensor:
+    """The guidance input [B] of a guidance-embedded (Flux dev) model: ``objective.guidance``'s one value
+    (3.5 unset), or a value drawn uniformly from its range [low, high] by each sample's own generator (a
+    stream of its own, so that the other draws do not change with it)."""
+    values = objective.guidance or [DEFAULT_GUIDANCE]
+    if len(values) == 1:
+        return torch.full((len(seeds),), float(values[0]))
+    low, high = values
+    u = [
+        torch.rand(1, generator=torch.Generator().manual_seed(sample_seed(int(s), "guidance"))) for s in seeds
+    ]
+    return low + (high - low) * torch.cat(u)
+
+
+def flux_shift(t: torch.Tensor, image_tokens: int, objective: Any) -> torch.Tensor:
+    """``objective.dynamic_shift``: t shifted by exp(mu), mu linear in the image tokens (the line through
+    (base_seq_len, base_shift) and (max_seq_len, max_shift), diffusers' ``calculate_shift``)."""
+    o = objective
+    return shift_t(
+        t, math.exp(flux_mu(image_tokens, o.base_seq_len, o.max_seq_len, o.base_shift, o.max_shift))
+    )
+
+
+def model_inputs(
+    model: nn.Module, x0: torch.Tensor, t: torch.Tensor, seeds: torch.Tensor, objective: Any
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The family-specific parts of a step: for Flux, ``t`` with the resolution-dependent shift (when set)
+    and the guidance input of a guidance-embedded model; unchanged t and no extra input for SD3."""
+    config = getattr(model, "config", None)
+    if not hasattr(config, "guidance_embed"):  # SD3
+        return t, {}
+    if objective.dynamic_shift:
+        t = flux_shift(t, (x0.shape[-2] // 2) * (x0.shape[-1] // 2), objective)
+    if not config.guidance_embed:
+        return t, {}
+    return t, {"guidance": sample_guidance(seeds, objective).to(x0.device, torch.float32)}
+
+
 def micro_loss(ctx: Context, batch: dict[str, Any]) -> torch.Tensor:
     """The fp32 loss of one micro-batch: flow matching (``objective.kind`` flow, reflow) or distillation."""
     device, o = ctx.accelerator.device, ctx.config.objective
@@ -222,9 +266,13 @@ def micro_loss(ctx: Context, batch: dict[str, Any]) -> torch.Tensor:
     parts = {n: {k: v.to(device) for k, v in kinds.items()} for n, kinds in parts.items()}
     txt, vec = combine(drop_captions(parts, ctx.empty, drop), ctx.layout)
 
+    extra: dict[str, torch.Tensor] = {}
+    if o.kind in ("flow", "reflow") and ctx.grid is None:
+        t, extra = model_inputs(getattr(ctx.model, "module", ctx.model), x0, t, batch["seed"], o)  # DDP
+
     def velocity(x: torch.Tensor, t: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
         with ctx.accelerator.autocast():
-            return ctx.model(x, t, txt, vec).float()
+            return ctx.model(x, t, txt, vec, **extra).float()
 
     noise = noise.to(device)
     if o.kind in ("flow", "reflow"):
@@ -411,6 +459,7 @@ def train(
     model = model if model is not None else build_model(config)
     cfg, size = resolve_config(config, getattr(model, "config", None))
     check_size(cfg, size)
+    check_family(cfg, getattr(model, "config", None))
     components = cfg.model.components or cfg.model.pretrained
     needs_encoders = not cfg.data.cache_dir or cfg.output.validation_every or cfg.output.save_final
     if conditioner is None and components and needs_encoders:
