@@ -379,3 +379,97 @@ def test_fine_tuned_flux_folder_loads_in_diffusers_with_our_images(tmp_path, lor
     assert np.abs(a - b).max() <= 1e-3
     before, _ = _images(base)
     assert np.abs(a - before).max() > 1e-3  # the training changed the images
+
+
+def test_flux_cached_equals_uncached_with_buckets(tmp_path):
+    """A Flux folder fine-tuned from images of two aspect ratios (buckets 16x16 and 16x32 px, latents 8x8
+    and 8x16 with their own ids and shift) gives the same losses from its cache."""
+    from PIL import Image
+
+    from mmdit_flow.training.cache import Conditioner, build_cache
+
+    base = save_diffusers_folder(flux_components(), tmp_path / "base")
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(8):
+        shape = (16, 32, 3) if i % 2 else (16, 16, 3)
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(["a red cat", "a blue dog"][i % 2])
+
+    def config(name, **data):
+        return config_from_dict({
+            "model": {"pretrained": str(base), "max_sequence_length": 8},
+            "data": {"path": str(images), "resolution": 16, "bucket_step": 16, "buckets": True,
+                     "batch_size": 2, **data},
+            "objective": {"caption_dropout": {"clip_l": 0.3, "t5": 0.3}, "guidance": [1.0, 5.0],
+                          "dynamic_shift": True, "base_seq_len": 16, "max_seq_len": 64},
+            "schedule": {"max_steps": 4},
+            "output": {"dir": str(tmp_path / name), "trackers": [], "progress": False, "save_final": False},
+        })  # fmt: skip
+
+    def losses(cfg):
+        out = []
+        assert train(cfg, on_step=lambda step, r: out.append(r.loss)) == 0
+        return out
+
+    uncached = losses(config("uncached"))
+    cached_cfg = config("cached", cache_dir=str(tmp_path / "cache"))
+    conditioner = Conditioner.from_pretrained(base, max_sequence_length=8)
+    build_cache(cached_cfg, conditioner, progress=False)
+    index = json.loads((tmp_path / "cache" / "index.json").read_text())
+    assert index["layout"] == "flux" and index["encoders"] == ["clip_l", "t5"]
+    assert {tuple(r["size"]) for r in index["records"]} == {(16, 16), (16, 32)}
+    cached = losses(cached_cfg)
+    assert all(np.isfinite(uncached)) and len(set(uncached)) == 4
+    torch.testing.assert_close(torch.tensor(cached), torch.tensor(uncached), rtol=1e-5, atol=0)
+
+
+TWO_PROCESSES = """
+import os, sys
+from safetensors.torch import save_file
+from mmdit_flow.training.config import load_config
+from mmdit_flow.training.trainer import train
+from tests.test_train_flux import tiny_flux
+
+config = load_config(sys.argv[1])
+model = tiny_flux(0)
+code = train(config, model=model)
+weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+save_file(weights, f"{config.output.dir}/rank{os.environ['RANK']}.st")
+sys.exit(code)
+"""
+
+
+def test_flux_two_processes_match_one(tmp_path):
+    """Two CPU processes (gloo DDP, as tests/test_train_distributed.py) equal one with the combined batch."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from mmdit_flow.training.config import save_config
+    from tests.train_helpers import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    cache = make_flux_cache(tmp_path / "cache", n=16)
+    common = {"schedule": {"max_steps": 3}, "optimizer": {"lr": 10.0, "eps": 1000.0, "weight_decay": 0.0},
+              "ema": {"decay": 0.0}}  # fmt: skip
+    two = flux_config(cache, tmp_path / "two", data={"batch_size": 2}, **common)
+    (tmp_path / "two").mkdir()
+    save_config(two, tmp_path / "two.yaml")
+    (tmp_path / "run.py").write_text(TWO_PROCESSES)
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), str(tmp_path / "run.py"), str(tmp_path / "two.yaml")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [load_file(str(tmp_path / "two" / f"rank{r}.st")) for r in range(2)]
+    model = tiny_flux(0)
+    assert train(flux_config(cache, tmp_path / "one", data={"batch_size": 4}, **common), model=model) == 0
+    moved = False
+    for name, value in model.state_dict().items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        torch.testing.assert_close(ranks[0][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        moved |= bool((value - tiny_flux(0).state_dict()[name]).abs().max() > 1e-3)
+    assert moved
