@@ -371,12 +371,17 @@ def test_fine_tuned_flux_folder_loads_in_diffusers_with_our_images(tmp_path, lor
         "objective": {"caption_dropout": {"t5": 0.2}, "guidance": [1.0, 5.0], "dynamic_shift": True},
         "optimizer": {"lr": 1e-2},
         "schedule": {"max_steps": 2},
-        "output": {"dir": str(tmp_path / "run"), "trackers": [], "progress": False, "checkpoint_every": 100},
+        "output": {"dir": str(tmp_path / "run"), "trackers": [], "progress": False, "checkpoint_every": 100,
+                   "validation_every": 2, "validation_prompts": ["a red square"], "validation_steps": 3,
+                   "validation_guidance": 3.5},
     })  # fmt: skip
     assert train(cfg) == 0
     final = tmp_path / "run" / "final"
     a, b = _images(final)
     assert np.abs(a - b).max() <= 1e-3
+    # the validation grid of the last step is the final model's image (same prompt, seed, steps, guidance)
+    grid = np.asarray(Image.open(tmp_path / "run" / "validation" / "step-00000002.png"), dtype=np.float64)
+    assert np.abs(grid / 255 - b[0]).max() <= 1 / 255 + 1e-3
     before, _ = _images(base)
     assert np.abs(a - before).max() > 1e-3  # the training changed the images
 
@@ -473,3 +478,14 @@ def test_flux_two_processes_match_one(tmp_path):
         torch.testing.assert_close(ranks[0][name], value, rtol=1e-5, atol=1e-6, msg=name)
         moved |= bool((value - tiny_flux(0).state_dict()[name]).abs().max() > 1e-3)
     assert moved
+
+
+def test_the_documented_flux_config_loads():
+    import re
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text(encoding="utf-8")
+    block = re.search(r"```yaml\n(model:\n  pretrained: path/to/FLUX.1-dev.*?)```", text, re.S).group(1)
+    cfg = config_from_dict(yaml.safe_load(block))
+    assert cfg.objective.guidance == [1.0, 5.0] and cfg.objective.dynamic_shift and cfg.lora.rank == 16
