@@ -80,6 +80,23 @@ def test_bad_target_module_is_named():
         add_lora(SD3Transformer(SD3Config(**TINY)), LoRAConfig(rank=2, target_modules=["attn.qkvv"]))
 
 
+def test_bad_target_module_on_flux_lists_existing_double_and_single_block_layers():
+    from torch import nn
+
+    from mmdit_flow.models.flux import FluxConfig, FluxTransformer
+    from tests.test_train_flux import FLUX_TINY
+
+    model = FluxTransformer(FluxConfig(**FLUX_TINY))
+    with pytest.raises(ValueError, match="no linear layer is named 'attn.qkvv'") as err:
+        add_lora(model, LoRAConfig(rank=2, target_modules=["attn.qkvv"]))
+    examples = str(err.value).split("; e.g. ")[1].split(", ")
+    names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert {"img_attn.qkv", "txt_mlp.fc1", "linear1", "linear2"} <= set(examples)
+    # each example is a real suffix target: add_lora accepts it
+    assert all(any(n.endswith("." + e) for n in names) for e in examples)
+    add_lora(model, LoRAConfig(rank=2, target_modules=examples))
+
+
 def test_pipeline_load_lora_equals_diffusers_with_a_scale(tmp_path):
     """Our pipeline with a LoRA at scale 0.5 equals diffusers' pipeline with that LoRA fused at 0.5."""
     from mmdit_flow.pipelines import TextToImagePipeline

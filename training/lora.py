@@ -28,7 +28,7 @@ def add_lora(model: nn.Module, lora: Any) -> nn.Module:
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     for target in lora.target_modules:
         if not any(n == target or n.endswith("." + target) for n in names):
-            example = ", ".join(sorted({n.split(".", 2)[-1] for n in names if n.startswith("blocks.0.")})[:8])
+            example = ", ".join(_example_targets(names))
             raise ValueError(f"lora.target_modules: no linear layer is named {target!r}; e.g. {example}")
     config = LoraConfig(
         r=lora.rank,
@@ -41,6 +41,17 @@ def add_lora(model: nn.Module, lora: Any) -> nn.Module:
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
     return model
+
+
+def _example_targets(names: list[str], per_kind: int = 8) -> list[str]:
+    """Target names in the first block of each block list (SD3 ``blocks.0.``; Flux ``double_blocks.0.``
+    and ``single_blocks.0.``), at most ``per_kind`` of each, sorted."""
+    kinds: dict[str, set[str]] = {}
+    for n in names:
+        parts = n.split(".", 2)
+        if len(parts) == 3 and parts[1] == "0":
+            kinds.setdefault(parts[0], set()).add(parts[2])
+    return [t for kind in kinds.values() for t in sorted(kind)[:per_kind]]
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
