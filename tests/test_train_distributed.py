@@ -71,3 +71,25 @@ def test_two_processes_match_one(tmp_path):
         torch.testing.assert_close(ranks[0][name], value, rtol=1e-5, atol=1e-6, msg=name)
         moved |= bool((value - tiny_model(0).state_dict()[name]).abs().max() > 1e-3)  # >> the tolerance
     assert moved
+
+
+def test_fsdp_on_cpu_processes_is_refused_not_ignored(tmp_path, monkeypatch):
+    # accelerate 1.x takes FSDP only on accelerators: on CPU processes ACCELERATE_USE_FSDP is ignored and
+    # the model trains unsharded; the trainer must say so before it trains
+    import pytest
+    from accelerate.utils import DistributedType
+
+    from mmdit_flow.training.config import ConfigError
+    from mmdit_flow.training.resolve import check_sharding
+
+    check_sharding(DistributedType.FSDP, {"ACCELERATE_USE_FSDP": "true"})  # taken: nothing to say
+    check_sharding(DistributedType.MULTI_CPU, {})  # not asked
+    with pytest.raises(ConfigError, match="DeepSpeed was asked for.*MULTI_CPU"):
+        check_sharding(DistributedType.MULTI_CPU, {"ACCELERATE_USE_DEEPSPEED": "true"})
+
+    cache = make_cache(tmp_path / "cache", n=4)
+    config = tiny_config(cache, tmp_path / "run", schedule={"max_steps": 1})
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="FSDP was asked for.*trained unsharded"):
+        train(config, model=tiny_model(0))
+    assert not (tmp_path / "run" / "checkpoints").exists()

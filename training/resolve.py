@@ -25,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -265,4 +267,28 @@ def check_family(config: TrainConfig, model_config: Any) -> None:
         raise ConfigError(
             f"objective.kind {o.kind} is not supported for a guidance-embedded Flux model or with "
             "objective.dynamic_shift yet; use objective.kind flow"
+        )
+
+
+def check_sharding(distributed_type: Any, environ: Mapping[str, str] | None = None) -> None:
+    """Raise a ``ConfigError`` when ``accelerate launch`` was asked for FSDP or DeepSpeed but the
+    accelerator did not take it (``distributed_type``, accelerate's ``DistributedType``).
+
+    accelerate (1.x) turns FSDP on only for processes on accelerators (GPU, XPU, NPU, ...) and DeepSpeed
+    only off the CPU; on CPU processes it ignores both without a word and trains unsharded (DDP or one
+    process), which would hold the whole model in every process.
+    """
+    env = os.environ if environ is None else environ
+    asked = [
+        name
+        for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+        if env.get(var, "false").lower() in ("1", "true", "yes")
+    ]
+    got = str(getattr(distributed_type, "value", distributed_type))
+    if asked and got.upper() not in {a.upper() for a in asked}:
+        raise ConfigError(
+            f"{asked[0]} was asked for (accelerate launch / accelerate config), but accelerate set up {got}: "
+            f"it shards only on accelerators (GPU, XPU, NPU, ...), and these processes run on the CPU, so "
+            "the model would be trained unsharded in every process. Launch on GPUs, or drop "
+            f"{asked[0]} from the accelerate config to train with DDP knowingly"
         )

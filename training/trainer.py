@@ -56,7 +56,13 @@ from mmdit_flow.training.data import (
 )
 from mmdit_flow.training.ema import EMA
 from mmdit_flow.training.export import export_final, validation_grid
-from mmdit_flow.training.resolve import check_family, check_size, resolve_config, transformer_config
+from mmdit_flow.training.resolve import (
+    check_family,
+    check_sharding,
+    check_size,
+    resolve_config,
+    transformer_config,
+)
 from mmdit_flow.training.run_info import check_resume, plan, run_record, stopped, wrote
 
 logger = logging.getLogger(__name__)
@@ -453,6 +459,7 @@ def train(
         log_with=list(config.output.trackers) or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
+    check_sharding(acc.distributed_type)
     if config.precision.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(config.seed)
