@@ -216,10 +216,11 @@ def _on_cpu(device: str | None) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     """Generate the prompts file's images in this process's share; the main process writes the manifest."""
-    from mmdit_flow.pipelines.generate_cli import DTYPES, check_step_cache
+    from mmdit_flow.pipelines.generate_cli import DTYPES, check_step_cache, load_loras, lora_arguments
 
     prompts, out = check_arguments(args)
     check_step_cache(args.step_cache)
+    loras = lora_arguments(args.lora)
     import torch
     from accelerate import PartialState
 
@@ -229,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     device = args.device if args.device is not None else state.device
     pipe = TextToImagePipeline.from_pretrained(args.model, device=device, dtype=dtype, offload=args.offload)
+    load_loras(pipe, loras)
     if args.step_cache is not None:
         pipe.enable_step_cache(args.step_cache)
     settings = resolved_settings(
@@ -246,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
         sampler=args.sampler or "euler",
         model=GenerationParameters.model_name(args.model),
         step_cache=args.step_cache,
+        lora=tuple(loras),
         **settings,
     )
     jobs = plan(prompts, base, 0 if args.seed is None else args.seed)

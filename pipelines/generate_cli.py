@@ -6,7 +6,8 @@ file's prompt (the Hugging Face imagefolder convention, one ``{"file_name", "tex
 of the files it overwrote. Files are written atomically and get the mode a plain ``open()`` gives (the umask).
 
 ``--image IN [--strength S]`` edits an image file (image-to-image); with ``--mask FILE`` it inpaints the
-mask's white region (``pipelines/edit.py``).
+mask's white region (``pipelines/edit.py``). ``--lora PATH[:SCALE]`` (repeatable) applies LoRAs, each at its
+weight, through ``pipe.load_lora`` and ``pipe.set_adapters``.
 
 A PNG carries its generation parameters in a text chunk (``parameters.py``; a call without ``--seed`` draws
 one at random and records it); ``--from-png FILE`` makes that image again, with any option given beside it
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -128,6 +130,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="THRESHOLD",
         help="lossy step caching: reuse the blocks' work of earlier steps while the first block's output "
         "changes by less than THRESHOLD (e.g. 0.1; docs/generating.md); default off",
+    )
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=None,
+        metavar="PATH[:SCALE]",
+        help="apply a LoRA: a file or a folder holding one, in diffusers / peft, kohya or ComfyUI format, "
+        "for the transformer and, in whole-pipeline files, the text encoders; SCALE is its weight (default "
+        "1, may be negative); repeat for several at once, e.g. --lora style.safetensors:0.8 --lora subject/",
     )
     parser.add_argument(
         "--image",
@@ -275,6 +286,66 @@ def check_step_cache(threshold: float | None) -> None:
             raise ValueError(f"--step-cache: {err}") from err
 
 
+LORA_FORM = "--lora PATH or --lora PATH:SCALE, SCALE a number (e.g. --lora style.safetensors:0.8)"
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """``--lora PATH[:SCALE]`` -> (path, scale), the scale 1 when not given; ValueError saying the form.
+
+    The scale is what follows the last colon, unless that holds a slash (a colon inside the path, as in
+    ``C:\\loras\\x.safetensors``) or is not a number and the whole text names an existing path."""
+    path, colon, tail = spec.rpartition(":")
+    if not colon or "/" in tail or "\\" in tail:
+        path, tail = spec, None
+    if tail is not None:
+        try:
+            scale = float(tail)
+        except ValueError:
+            if Path(spec).exists():
+                return spec, 1.0
+            why = f"the scale {tail!r} is not a number"
+            raise ValueError(f"--lora {spec}: {why}; write {LORA_FORM}") from None
+        if not math.isfinite(scale):
+            raise ValueError(f"--lora {spec}: the scale must be a finite number; write {LORA_FORM}")
+    else:
+        scale = 1.0
+    if not path:
+        raise ValueError(f"--lora {spec!r}: no path before the scale; write {LORA_FORM}")
+    return path, scale
+
+
+def lora_arguments(specs: list[str] | None) -> list[tuple[str, float]]:
+    """(LoRA file, scale) of each ``--lora``, a folder's file found (as ``pipe.load_lora`` finds it), all
+    checked before any model loads."""
+    if not specs:
+        return []
+    from mmdit_flow.weights.lora import find_lora_file
+
+    loras = []
+    for spec in specs:
+        path, scale = parse_lora(spec)
+        if not Path(path).exists():
+            raise ValueError(f"--lora {path}: no such file or folder; pass a LoRA file or its folder")
+        try:
+            loras.append((str(find_lora_file(path).resolve()), scale))
+        except ValueError as err:
+            raise ValueError(f"--lora {path}: {err}") from err
+    return loras
+
+
+def load_loras(pipe: Any, loras: list[tuple[str, float]]) -> None:
+    """Load each LoRA as an adapter of ``pipe`` and make exactly these active, each at its scale; the
+    engine's errors (a LoRA for another model, shapes that do not fit) name the file."""
+    names = []
+    for i, (path, _) in enumerate(loras):
+        try:
+            names.append(pipe.load_lora(path, adapter_name=f"{i}-{Path(path).stem}"))
+        except ValueError as err:
+            raise ValueError(f"--lora {path}: {err}") from err
+    if names:
+        pipe.set_adapters(names, [scale for _, scale in loras])
+
+
 def _edit_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """image / mask_image / strength for the pipeline from --image, --mask and --strength."""
     if args.image is None:
@@ -338,6 +409,7 @@ def _fill_from_png(args: argparse.Namespace) -> None:
         "mask": params.mask,
         "strength": params.strength,
         "step_cache": params.step_cache,
+        "lora": [f"{path}:{scale!r}" for path, scale in params.lora] or None,
     }
     for name, value in recorded.items():
         if getattr(args, name) is None:
@@ -357,6 +429,7 @@ def _generate(args: argparse.Namespace) -> int:
         check_device(args.device)
     edit = _edit_arguments(args)
     check_step_cache(args.step_cache)
+    loras = lora_arguments(args.lora)
 
     import torch
 
@@ -366,6 +439,7 @@ def _generate(args: argparse.Namespace) -> int:
     pipe = TextToImagePipeline.from_pretrained(
         args.model, device=args.device, dtype=dtype, offload=args.offload
     )
+    load_loras(pipe, loras)
     if args.step_cache is not None:
         pipe.enable_step_cache(args.step_cache)
     # only what the user gave: the rest are the model's defaults
@@ -390,7 +464,7 @@ def _generate(args: argparse.Namespace) -> int:
         **edit,
         **{name: value for name, value in given.items() if value is not None},
     )
-    records = _parameters(pipe, args, given, images)
+    records = _parameters(pipe, args, given, images, loras)
     if keep is not None:
         images, records = [images[keep]], [records[keep]]
     for image, path, params in zip(images, paths, records, strict=True):
@@ -402,7 +476,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _parameters(
-    pipe, args: argparse.Namespace, given: dict[str, Any], images: list
+    pipe, args: argparse.Namespace, given: dict[str, Any], images: list, loras: list[tuple[str, float]]
 ) -> list[GenerationParameters]:
     """What each image of a call records in its PNG (the size is the image's: an edit takes its input's)."""
     from mmdit_flow.pipelines.parameters import GenerationParameters, resolved_settings
@@ -424,6 +498,7 @@ def _parameters(
                 mask=None if args.mask is None else str(Path(args.mask).resolve()),
                 strength=args.strength,
                 step_cache=args.step_cache,
+                lora=tuple(loras),
                 **fields,
             )
         )

@@ -7,10 +7,11 @@
 The PNG holds one international text chunk (iTXt, UTF-8, so any prompt fits) with the keyword ``mmdit-flow``
 and a JSON object: prompt, negative, steps, guidance, seed, sampler, model, height, width,
 max_sequence_length, and where they apply num_images / index (image ``index`` of a ``--num-images`` call, all
-drawn from one seed), image / mask / strength (an edit; the paths of its input files) and step_cache (the
-first-block cache threshold the image was made with). ``guidance`` is null
-for a Flux model without a guidance embedding; ``model`` is the folder's absolute path, or ``DEMO_MODEL`` for
-the shipped demo model. ``mmdit-flow generate --from-png x.png`` reads it back. Light: PIL loads on use.
+drawn from one seed), image / mask / strength (an edit; the paths of its input files), step_cache (the
+first-block cache threshold the image was made with) and lora (each ``--lora`` file and its scale, as
+``[[file, scale], ...]``). ``guidance`` is null for a Flux model without a guidance embedding; ``model`` is
+the folder's absolute path, or ``DEMO_MODEL`` for the shipped demo model. ``mmdit-flow generate --from-png
+x.png`` reads it back. Light: PIL loads on use.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class GenerationParameters:
     mask: str | None = None
     strength: float | None = None
     step_cache: float | None = None  # the first-block cache threshold (lossy; mmdit_flow/step_cache.py)
+    lora: tuple[tuple[str, float], ...] = ()  # (LoRA file, scale) of each --lora, in load order
 
     @staticmethod
     def model_name(model: str | None) -> str:
@@ -112,6 +114,8 @@ class GenerationParameters:
                 raise ValueError(f"{source}: parameter {name} must be an integer, got {value!r}")
         if not isinstance(data["prompt"], str):
             raise ValueError(f"{source}: parameter prompt must be a string, got {data['prompt']!r}")
+        if "lora" in data:
+            data = {**data, "lora": _loras(data["lora"], source)}
         return cls(**data)
 
     @classmethod
@@ -137,6 +141,18 @@ class GenerationParameters:
         if not isinstance(data, dict):
             raise ValueError(f"{path}: the {CHUNK!r} text chunk is not a JSON object")
         return cls.from_dict(data, str(path))
+
+
+def _loras(value: Any, source: str) -> tuple[tuple[str, float], ...]:
+    """The recorded ``lora`` ([[file, scale], ...]) as the field's tuple; ValueError naming ``source``."""
+    pairs = value if isinstance(value, list) else [None]
+    ok = all(
+        isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and type(p[1]) in (int, float)
+        for p in pairs
+    )
+    if not ok:
+        raise ValueError(f"{source}: parameter lora must be a list of [file, scale] pairs, got {value!r}")
+    return tuple((path, float(scale)) for path, scale in pairs)
 
 
 def resolved_settings(

@@ -470,3 +470,71 @@ def test_adapters_change_compiled_blocks_without_compiling_again(flux, tmp_path)
     pipe.unload_lora()
     torch.testing.assert_close(pipe.transformer(**inputs), _ours(folder)(**inputs), **TOL)
     assert counters["stats"]["unique_graphs"] == before
+
+
+# sd-scripts' text-encoder prefixes (networks/lora_sd3.py, lora_flux.py) -> the pipeline's text encoder
+KOHYA_TE_PREFIXES = {
+    "sd3": {"lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_3"},
+    "flux": {"lora_te1_": "text_encoder", "lora_te3_": "text_encoder_2"},
+}
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+@torch.no_grad()
+def test_kohya_lora_te2_and_te3_keys_adapt_clip_g_and_t5_merged_by_hand(tmp_path, family):
+    """SD3's ``lora_te2_`` (CLIP-G) and ``lora_te3_`` (T5; Flux's T5 too), named as sd-scripts names them
+    (the transformers module with underscores), give each encoder W + scale * alpha / rank * up @ down,
+    every other weight untouched. diffusers cannot load these (no SD3 kohya converter), so the oracle is the
+    merge by hand."""
+    from mmdit_flow.pipelines import TextToImagePipeline
+
+    diffusers_pipeline(sd3_components() if family == "sd3" else flux_components()).save_pretrained(tmp_path)
+    pipe = TextToImagePipeline.from_pretrained(tmp_path, device="cpu", dtype=torch.float32)
+    encoders = pipe.components.text_encoders
+    base = {n: {k: v.clone() for k, v in encoders[n].state_dict().items()} for n in encoders}
+    sd, expected = {}, {}
+    for i, (prefix, name) in enumerate(KOHYA_TE_PREFIXES[family].items()):
+        linears = {f"{m}.weight": layer.weight for m, layer in encoders[name].named_modules()
+                   if isinstance(layer, torch.nn.Linear)}  # fmt: skip
+        lora, deltas = _original_lora(linears, prefix, "_", ("lora_down", "lora_up"), seed=20 + i, alpha=1.5)
+        sd.update(lora)
+        expected[name] = {k: w + 0.5 * deltas[k] if k in deltas else w for k, w in base[name].items()}
+    assert "lora_te3_encoder_block_0_layer_1_DenseReluDense_wi_0.lora_down.weight" in sd  # T5's gated MLP
+    assert any(k.startswith("lora_te2_text_model_encoder_layers_0_self_attn_q_proj") for k in sd) == (
+        family == "sd3"
+    )
+    pipe.load_lora(save_file(sd, tmp_path / "kohya_te.safetensors"), scale=0.5)
+    for name, weights in expected.items():
+        got = encoders[name].state_dict()
+        assert got.keys() == weights.keys()
+        for key in got:
+            torch.testing.assert_close(got[key], weights[key], rtol=1e-6, atol=1e-6)
+        assert any(not torch.equal(got[k], base[name][k]) for k in got), name
+
+
+def test_a_file_mixing_two_formats_is_an_error_naming_both(flux):
+    """Half a file loading silently (the keys of the format that matches most) would be a wrong image."""
+    folder, _ = flux
+    kohya, _ = _original_lora({"double_blocks.0.img_attn.qkv.weight": torch.zeros(96, 32)}, *KOHYA)
+    peft = {
+        "transformer.single_transformer_blocks.0.proj_out.lora_A.weight": torch.zeros(2, 160),
+        "transformer.single_transformer_blocks.0.proj_out.lora_B.weight": torch.zeros(32, 2),
+        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 32),
+        "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 2),
+    }
+    message = (
+        r"mixes two formats: 4 keys in the diffusers format \(transformer.single_transformer_blocks.0"
+        r".proj_out.lora_A.weight, .*\) and 3 in the kohya format \(lora_unet_double_blocks_0_img_attn_qkv"
+        r".alpha, lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight, .*\); a file holds one format"
+    )
+    with pytest.raises(ValueError, match=message):
+        load_lora(_ours(folder), {**kohya, **peft})
+    more = {f"double_blocks.0.{m}.qkv.weight": torch.zeros(96, 32) for m in ("img_attn", "txt_attn")}
+    kohya, _ = _original_lora(more, *KOHYA)
+    model = _ours(folder)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        ValueError, match=r"6 keys in the kohya format \(lora_unet_.*\) and 2 in the diffusers"
+    ):
+        load_lora(model, {**kohya, **dict(list(peft.items())[:2])})
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing half-loaded

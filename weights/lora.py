@@ -217,6 +217,26 @@ def _no_match(keys: list[str], fam: KeyFormat, targets: Targets, naming: LoraNam
     )
 
 
+def _mixed(
+    sd: StateDict, unknown: list[str], naming: LoraNaming, fam: KeyFormat, targets: Targets
+) -> ValueError | None:
+    """The error for a file whose keys outside ``naming`` are another format's (half of it would load)."""
+    for other in NAMINGS:
+        if other.name == naming.name:
+            continue
+        factors, alphas, _ = _lookups(other, fam, targets)
+        theirs = [k for k in unknown if k in factors or k in alphas]
+        if theirs:
+            ours, theirs = sorted(set(sd) - set(unknown)), sorted(theirs)
+            return ValueError(
+                f"the LoRA mixes two formats: {len(ours)} keys in the {naming.name} format "
+                f"({_names(ours, 3)}) and {len(theirs)} in the {other.name} format ({_names(theirs, 3)}); "
+                "a file holds one format: write each part to its own file and load both (two pipe.load_lora "
+                "calls, or --lora twice)"
+            )
+    return None
+
+
 def _naming_of(sd: StateDict, fam: KeyFormat, targets: Targets) -> tuple[LoraNaming, dict, dict, dict]:
     """The format whose generated keys match most of the file's, with its lookups and rules."""
     best = None
@@ -274,7 +294,7 @@ def parse_lora(targets: Targets, sd: StateDict, metadata: dict[str, str] | None 
         else:
             unknown.append(key)
     if unknown:
-        raise _no_match(unknown, fam, targets, naming)
+        raise _mixed(sd, unknown, naming, fam, targets) or _no_match(unknown, fam, targets, naming)
     parts = _scaled_parts(found, prefixes, naming, Scales.of(naming, alpha_values, metadata or {}))
     layers: Layers = {}
     for target, table in rules.items():
