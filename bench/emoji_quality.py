@@ -54,6 +54,9 @@ def main() -> None:
     parser.add_argument("--split", default="heldout", choices=["validation", "heldout"])
     parser.add_argument("--set", default="common", choices=["common", "all", "both"])
     parser.add_argument("--n", type=int, default=None, help="only the first N emoji of each set")
+    parser.add_argument(
+        "--stride", type=int, default=1, help="every K-th emoji of each set (a sample across categories)"
+    )
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--guidance-list", default="4", help="comma-separated guidance scales")
     parser.add_argument("--seed", type=int, default=0)
@@ -74,12 +77,15 @@ def main() -> None:
     scales = [float(g) for g in args.guidance_list.split(",") if g.strip()]
     sets = {"common": [e.index for e in common.committed_common()], "all": [e.index for e in E.catalogue()]}
     chosen = ["common", "all"] if args.set == "both" else [args.set]
+    if args.stride < 1:
+        parser.error(f"--stride must be >= 1, got {args.stride}")
     report: dict = {"model": args.model, "split": args.split, "steps": args.steps, "sets": {}}
+    report["stride"] = args.stride
     print(
         f"{args.model}: {args.split} phrasings, {args.steps} steps, torch threads {torch.get_num_threads()}"
     )
     for name in chosen:
-        emoji = sets[name][: args.n]
+        emoji = sets[name][:: args.stride][: args.n]
         texts, samples = captions_for(emoji, args.split, args.seed)
         seeds = [args.seed + i for i in range(len(texts))]
         truth = judge.score(judge.retrieve([E.render(s) for s in samples]), emoji)

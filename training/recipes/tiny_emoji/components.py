@@ -5,7 +5,9 @@ The builders are tiny-shapes' (:mod:`mmdit_flow.training.recipes.tiny_shapes.com
 * the tokenizers learn the words of :func:`caption_corpus` (every name and alias of every emoji in every
   training phrasing, and every stated background); the held-out phrasings bring two words they never
   saw, "drawing" and "image" (the validation phrasing none);
-* the CLIP encoders are random (seeds ``seed``, ``seed + 1``) and the T5 is random (``seed + 2``);
+* the CLIP encoders are random (seeds ``seed``, ``seed + 1``); the T5 starts random (``seed + 2``) and is
+  trained as a caption tagger (:mod:`~mmdit_flow.training.recipes.tiny_emoji.tagger`: every token learns
+  which picture and background its caption names);
 * the VAE (16 latent channels, downsampling 4, as tiny-shapes') trains on rendered training-split samples
   and is judged by :func:`evaluate_vae`: PSNR, and the emoji judge's top-1 on its reconstructions of
   validation-split samples (a VAE that loses which emoji it was caps every model built on it).
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 
 from mmdit_flow.training.recipes.tiny_emoji import emoji_set as E
+from mmdit_flow.training.recipes.tiny_emoji import tagger
 from mmdit_flow.training.recipes.tiny_shapes import components as shapes_components
 from mmdit_flow.training.recipes.tiny_shapes import vae_train
 
@@ -49,11 +52,23 @@ def images(start: int, n: int, *, seed: int = 0, split: str = "train") -> torch.
     return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def build_text_encoders(out_dir: str | Path, seed: int = 0) -> dict[str, Any]:
-    """The tokenizers and the three (random) text encoders, written into ``out_dir`` (SD3 layout)."""
-    return shapes_components.build_text_encoders(
+def build_text_encoders(
+    out_dir: str | Path, seed: int = 0, tagger_cfg: tagger.TaggerConfig | None = None
+) -> dict[str, Any]:
+    """The tokenizers and the three text encoders, written into ``out_dir`` (SD3 layout): random CLIPs and
+    the T5 trained as the caption tagger (``tagger_cfg``, seeded with ``seed``). ``"t5"`` of the result is
+    what the tagger's training measured."""
+    from transformers import T5EncoderModel, T5TokenizerFast
+
+    paths = shapes_components.build_text_encoders(
         out_dir, seed, texts=caption_corpus(), prompt_tokens=PROMPT_TOKENS, train_t5=False
     )
+    tokenizer = T5TokenizerFast.from_pretrained(paths["tokenizer_3"])
+    t5 = T5EncoderModel.from_pretrained(paths["text_encoder_3"])
+    result = tagger.train_tagger(t5, tokenizer, tagger_cfg or tagger.TaggerConfig(seed=seed))
+    t5.save_pretrained(paths["text_encoder_3"], safe_serialization=True)
+    paths["t5"] = result
+    return paths
 
 
 def evaluate_vae(vae: Any, n: int = 300, seed: int = 0) -> dict:
@@ -101,7 +116,7 @@ def build_components(out_dir: str | Path, *, seed: int = 0, vae_steps: int = VAE
     """Tokenizers, text encoders and the VAE into ``out_dir``; returns what was measured."""
     report: dict[str, Any] = {"seed": seed}
     start = time.perf_counter()
-    build_text_encoders(out_dir, seed)
+    report["t5_tagger"] = build_text_encoders(out_dir, seed)["t5"].to_dict()
     report["text_encoders_s"] = time.perf_counter() - start
     report["vae"] = train_vae(out_dir, vae_steps, seed)
     (Path(out_dir) / "LICENSE-emoji.txt").write_text(E.LICENSE + "\n")
