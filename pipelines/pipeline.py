@@ -59,6 +59,11 @@ from mmdit_flow.step_cache import CacheConfig, cache_config
 
 FLUX_PACK = 2  # Flux packs 2x2 latent patches into one token
 logger = logging.getLogger(__name__)
+STEP_CACHE_WITH_WHOLE_MODEL = (
+    "step caching and compile(scope='model') do not go together: the cache decides per step which blocks "
+    "run, so the whole compiled forward would be compiled again at every step. Use compile() (scope="
+    "'blocks', the default: the cached blocks stay compiled) or leave the step cache off"
+)
 
 
 PROMPT_CACHE = 8  # text-embedding results kept by encode_prompt
@@ -193,6 +198,8 @@ class TextToImagePipeline:
         model 5e-5). On the CPU ``backend="inductor"`` needs a C++ compiler; ``"aot_eager"`` only traces."""
         from mmdit_flow.pipelines.compiling import compile_blocks, timed_warmup
 
+        if scope == "model" and getattr(self.transformer, "step_cache", None) is not None:
+            raise ValueError(STEP_CACHE_WITH_WHOLE_MODEL)
         options = {"dynamic": dynamic, "backend": backend, "mode": mode, "scope": scope}
         blocks = compile_blocks(self.transformer, self.family, **options)
         graphs, seconds = timed_warmup([self._warmup_forward(b) for b in (1, 2)]) if warmup else (0, 0.0)
@@ -262,8 +269,12 @@ class TextToImagePipeline:
         """Lossy step caching (``mmdit_flow/step_cache.py``, docs/generating.md): the first-block cache at
         ``threshold`` (default 0.1), or ``config`` (``FirstBlockCacheConfig`` or ``TaylorSeerCacheConfig``).
         Every call starts afresh; what it skipped is logged and kept in
-        ``pipe.transformer.step_cache.stats``."""
-        self.transformer.enable_cache(cache_config(threshold, config))
+        ``pipe.transformer.step_cache.stats``. Not with ``compile(scope="model")``: the compiled forward
+        would be compiled again at every step; the blocks' compile (the default scope) works with it."""
+        config = cache_config(threshold, config)
+        if self.compile_report is not None and self.compile_report.scope == "model":
+            raise ValueError(STEP_CACHE_WITH_WHOLE_MODEL)
+        self.transformer.enable_cache(config)
 
     def disable_step_cache(self) -> None:
         """Every block at every step again."""

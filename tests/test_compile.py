@@ -104,3 +104,20 @@ def test_more_graphs_than_dynamos_default_limit_still_compile(tmp_path):
         graphs.append(pipe.compile(backend="eager").graphs)  # eager backend: tracing only, fast
     assert graphs == [4, 4, 4]
     torch._dynamo.reset()
+
+
+def test_step_caching_and_a_whole_model_compile_are_refused_in_either_order(tmp_path):
+    from mmdit_flow.pipelines import TextToImagePipeline
+
+    folder = save_diffusers_folder(sd3_components(t5=False), tmp_path / "sd3")
+    pipe = TextToImagePipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    pipe.enable_step_cache(0.1)
+    with pytest.raises(ValueError, match="compiled again at every step"):
+        pipe.compile(scope="model", backend="aot_eager", warmup=False)
+    pipe.disable_step_cache()
+    torch._dynamo.reset()
+    pipe.compile(scope="model", backend="aot_eager", warmup=False)
+    with pytest.raises(ValueError, match="compiled again at every step"):
+        pipe.enable_step_cache(0.1)
+    assert pipe.transformer.step_cache is None
+    torch._dynamo.reset()
