@@ -6,8 +6,9 @@ straight path (``x_t = (1 - t) x0 + t noise``, data x0, fresh noise), in the vel
 - **Guidance distillation** (Meng et al. 2023, "On Distillation of Guided Diffusion Models"; the way
   FLUX.1-dev is made): the target is the CFG-guided teacher velocity
   ``v* = v_T(x_t, t, uncond) + w (v_T(x_t, t, cond) - v_T(x_t, t, uncond))``, so that one student forward
-  replaces the two of guidance. A student with a guidance-embedding input (Flux layout) is given w; an SD3
-  layout student learns one fixed w.
+  replaces the two of guidance. A student with a guidance-embedding input (Flux layout) is given w, which
+  may differ per sample (``sampling.cfg`` takes a tensor [B] of scales), so that one student learns a range
+  of scales; an SD3 layout student learns one fixed w.
 - **Progressive distillation** (Salimans & Ho 2022), for velocities: the student takes one Euler step where
   the teacher takes two. On the student's N-step grid ``t_0 = 1 > t_1 > ... > t_N = 0`` (the sampling grid
   the pipeline uses, ``sampling.timesteps``), at a grid time t_i the teacher steps t_i -> m_i -> t_(i+1)

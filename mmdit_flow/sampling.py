@@ -330,26 +330,35 @@ def solve_adaptive(
 # classifier-free guidance
 
 
-def cfg(velocity_fn: VelocityFn, scale: float, **uncond: Any) -> VelocityFn:
+def cfg(velocity_fn: VelocityFn, scale: float | torch.Tensor, **uncond: Any) -> VelocityFn:
     """Classifier-free guidance: a velocity function computing v = v_u + scale * (v_c - v_u).
 
     The returned ``fn(x, t, **cond)`` runs uncond and cond in one batched forward: x and t are repeated and
     each tensor kwarg is concatenated as [uncond, cond] along dim 0 (diffusers' order); non-tensor kwargs are
     passed through. Every tensor in cond needs its counterpart in ``uncond``. scale = 1 runs only the cond
-    forward, scale = 0 only the uncond one. The combination is done in fp32, or in the wider dtype of the
-    network's output or of x (fp64 in an fp64 solve).
+    forward, scale = 0 only the uncond one. ``scale`` may also be a tensor [B], one scale per sample
+    (guidance distillation over a range of scales); that always runs both. The combination is done in fp32,
+    or in the wider dtype of the network's output or of x (fp64 in an fp64 solve).
     """
-    if not math.isfinite(scale) or scale < 0:
+    per_sample = isinstance(scale, torch.Tensor)
+    if per_sample:
+        if scale.ndim != 1 or not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+            raise ValueError(
+                f"a per-sample guidance scale must be a tensor [B] of finite values >= 0; got {scale}"
+            )
+    elif not math.isfinite(scale) or scale < 0:
         raise ValueError(f"guidance scale must be >= 0 (1 = no guidance); got {scale}")
 
     def guided(x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
-        if scale == 1.0:
+        if not per_sample and scale == 1.0:
             return velocity_fn(x, t, **cond)
         extra = sorted(set(uncond) - set(cond))
         if extra:
             raise ValueError(f"uncond kwargs {extra} have no cond counterpart; pass them to the guided fn")
-        if scale == 0.0:
+        if not per_sample and scale == 0.0:
             return velocity_fn(x, t, **{**cond, **uncond})
+        if per_sample and len(scale) != len(x):
+            raise ValueError(f"{len(scale)} per-sample guidance scales for a batch of {len(x)}")
         both = {}
         for name, value in cond.items():
             if not isinstance(value, torch.Tensor):
@@ -366,6 +375,8 @@ def cfg(velocity_fn: VelocityFn, scale: float, **uncond: Any) -> VelocityFn:
         # at least fp32 (a bf16 network's output), never narrower than the state (an fp64 solve stays fp64)
         wide = torch.promote_types(torch.promote_types(v.dtype, x.dtype), torch.float32)
         v_u, v_c = v.to(wide).chunk(2)
+        if per_sample:  # [B] -> [B, 1, ...]
+            return v_u + scale.to(v_u.device, wide).view(-1, *([1] * (v_u.dim() - 1))) * (v_c - v_u)
         return v_u + scale * (v_c - v_u)
 
     return guided

@@ -7,7 +7,9 @@
   with each latent's own noise; with ``objective.student_steps`` = N only at the times of the N-step sampling
   grid, which distils the couplings into an N-step sampler.
 - ``guidance``: the student learns the teacher's CFG-guided velocity (``objective.teacher_guidance``) in one
-  forward (``mmdit_flow.distill.guidance_loss``).
+  forward (``mmdit_flow.distill.guidance_loss``). A guidance-embedded Flux student (FLUX.1-dev's way) learns
+  it at the scales of ``objective.guidance`` (one value or a range drawn per sample), each given to it as
+  its guidance input.
 - ``progressive``: one student step over a step of the N-step grid matches two teacher steps
   (``mmdit_flow.distill.progressive_loss``); a guided teacher distils guidance in the same round.
 
@@ -31,7 +33,15 @@ from mmdit_flow.flow import VelocityFn
 from mmdit_flow.training.cache import CachedDataset, TextParts, combine
 from mmdit_flow.training.config import ConfigError, TrainConfig, model_folder
 
-__all__ = ["Grid", "Teacher", "guidance_loss", "prepare", "progressive_loss", "student_defaults"]
+__all__ = [
+    "Grid",
+    "Teacher",
+    "embedded_guidance",
+    "guidance_loss",
+    "prepare",
+    "progressive_loss",
+    "student_defaults",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +79,9 @@ class Grid:
         return self.ts[index], self.mids[index], self.ts[index + 1]
 
 
+TEACHER_EMBEDDED_GUIDANCE = 1.0  # the guidance input of a guidance-embedded Flux teacher under CFG
+
+
 @dataclass
 class Teacher:
     """A frozen transformer and the CFG scale of its target velocity."""
@@ -77,18 +90,34 @@ class Teacher:
     guidance: float
     folder: Path
 
-    def velocity_fn(self, accelerator: Any, empty: TextParts, layout: str, batch: int) -> VelocityFn:
-        """The teacher's (guided) velocity, ``fn(x, t, txt, vec)``, under the run's autocast, in fp32."""
+    def velocity_fn(
+        self,
+        accelerator: Any,
+        empty: TextParts,
+        layout: str,
+        batch: int,
+        scale: torch.Tensor | None = None,
+    ) -> VelocityFn:
+        """The teacher's (guided) velocity, ``fn(x, t, txt, vec)``, under the run's autocast, in fp32.
+
+        ``scale``: per-sample CFG scales [B] in place of ``guidance`` (a guidance-embedded Flux student
+        learns the teacher's CFG velocity at the scale it is given as its guidance input). A guidance-embedded
+        teacher gets ``TEACHER_EMBEDDED_GUIDANCE`` as its own guidance input: its conditional and
+        unconditional velocities without distilled guidance, which CFG then combines."""
         from mmdit_flow.sampling import cfg
+
+        embedded = getattr(getattr(self.model, "config", None), "guidance_embed", False)
+        extra = {"guidance": TEACHER_EMBEDDED_GUIDANCE} if embedded else {}
 
         def fn(x: torch.Tensor, t: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
             with accelerator.autocast():
-                return self.model(x, t, txt, vec).float()
+                return self.model(x, t, txt, vec, **extra).float()
 
-        if self.guidance == 1.0:
+        if scale is None and self.guidance == 1.0:
             return fn
         txt, vec = combine(empty, layout)  # the empty prompt, as the pipeline's negative: [1, ...]
-        return cfg(fn, self.guidance, txt=txt.expand(batch, *txt.shape[1:]), vec=vec.expand(batch, -1))
+        w = self.guidance if scale is None else scale
+        return cfg(fn, w, txt=txt.expand(batch, *txt.shape[1:]), vec=vec.expand(batch, -1))
 
 
 def _scheduler_shift(folder: str, key: str) -> float:
@@ -122,7 +151,8 @@ def load_teacher(config: TrainConfig, device: torch.device) -> Teacher:
     path = folder / "transformer" if (folder / "transformer").is_dir() else folder
     model = load_transformer(path, device="cpu", dtype=torch.float32).to(device).eval()
     model.requires_grad_(False)
-    logger.info("teacher %s (CFG scale %g)", folder, o.teacher_guidance)
+    scales = o.guidance if o.kind == "guidance" and o.guidance is not None else [o.teacher_guidance]
+    logger.info("teacher %s (CFG scale %s)", folder, " to ".join(f"{g:g}" for g in scales))
     return Teacher(model, o.teacher_guidance, folder)
 
 
@@ -159,7 +189,9 @@ def student_defaults(config: TrainConfig, dataset: Any, grid: Grid | None = None
     and ``distilled_steps`` for a grid-trained student (a reflow student also every smaller grid whose times
     it was trained at, ``Grid.sub_grids``; a progressive one only its own, since its steps span its grid's
     intervals), guidance 1 for a student that learned a guided velocity (a guided teacher or guided
-    couplings), so that one forward per step is the default."""
+    couplings), so that one forward per step is the default. A guidance-embedded Flux student's guidance is
+    its guidance input instead (``embedded_guidance``), which the pipelines feed to the model without CFG;
+    its steps stay the base model's."""
     o = config.objective
     out: dict[str, Any] = {}
     if o.student_steps:
@@ -167,6 +199,18 @@ def student_defaults(config: TrainConfig, dataset: Any, grid: Grid | None = None
         if o.kind == "reflow" and grid is not None:
             out["distilled_steps"] = grid.sub_grids()
     couplings = getattr(dataset, "couplings", None) if o.kind == "reflow" else None
-    if o.teacher_guidance != 1.0 or (couplings is not None and float(couplings["guidance"]) != 1.0):
+    if o.kind == "guidance" and o.guidance is not None:  # a guidance-embedded Flux student
+        out["guidance"] = embedded_guidance(o.guidance)
+    elif o.teacher_guidance != 1.0 or (couplings is not None and float(couplings["guidance"]) != 1.0):
         out["guidance"] = 1.0
     return out
+
+
+def embedded_guidance(scales: list[float]) -> float:
+    """The guidance a guidance-distilled Flux student samples with by default (its guidance input, no CFG):
+    the one scale it learned, or for a range [low, high] Flux's default 3.5 if the range holds it, else the
+    nearer end."""
+    from mmdit_flow.pipelines.defaults import FAMILY_GUIDANCE
+
+    low, high = scales[0], scales[-1]
+    return float(min(max(FAMILY_GUIDANCE["flux"], low), high))

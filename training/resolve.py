@@ -248,26 +248,88 @@ def check_size(config: TrainConfig, size: ModelSize) -> None:
 
 
 def check_family(config: TrainConfig, model_config: Any) -> None:
-    """Raise a ``ConfigError`` for Flux-only objective keys on a model that does not take them."""
+    """Raise a ``ConfigError`` for Flux-only objective keys on a model that does not take them, and for
+    objective kinds a Flux model does not support with its guidance input or resolution-dependent shift."""
     o = config.objective
     flux = hasattr(model_config, "guidance_embed")
+    embedded = flux and model_config.guidance_embed
     model = config.model.pretrained or f"preset {config.model.preset}"
-    if o.guidance is not None and not (flux and model_config.guidance_embed):
+    if o.guidance is not None and not embedded:
         what = "a Flux model without guidance embedding (schnell-like)" if flux else "an SD3 model"
+        hint = " (its guidance student learns one CFG scale: objective.teacher_guidance)"
         raise ConfigError(
             f"objective.guidance is the guidance input of a guidance-embedded Flux model (FLUX.1-dev); the "
             f"model ({model}) is {what}, which takes none: remove objective.guidance"
+            f"{hint if o.kind == 'guidance' else ''}"
         )
     if o.dynamic_shift and not flux:
         raise ConfigError(
             f"objective.dynamic_shift is Flux's resolution-dependent shift; the model ({model}) is an SD3 "
             "model: remove it and set objective.shift (SD3 trains with 3.0)"
         )
-    if flux and o.kind != "flow" and (o.dynamic_shift or model_config.guidance_embed):
+    if flux and o.kind in ("progressive", "reflow"):
+        _check_flux_grid_kinds(o, embedded, model)
+    if embedded and o.kind == "guidance":
+        _check_flux_guidance(o, model)
+    if o.teacher is not None:
+        _check_teacher_family(o.teacher, "flux" if flux else "sd3", model)
+
+
+def _check_flux_grid_kinds(o: Any, embedded: bool, model: str) -> None:
+    if embedded:
         raise ConfigError(
-            f"objective.kind {o.kind} is not supported for a guidance-embedded Flux model or with "
-            "objective.dynamic_shift yet; use objective.kind flow"
+            f"objective.kind {o.kind} is not supported for a guidance-embedded Flux model ({model}) yet: its "
+            "student would need a guidance input that matches its targets (progressive: every round's "
+            "teacher is the previous guidance-embedded student; reflow: the couplings' CFG scale), which is "
+            "not wired. Distil guidance with objective.kind guidance (and objective.guidance), or use a Flux "
+            "model without guidance embedding"
         )
+    if o.dynamic_shift:
+        raise ConfigError(
+            f"objective.kind {o.kind} does not support objective.dynamic_shift yet (it does flow and "
+            "guidance): progressive and a reflow grid train at the times of the student's scheduler grid, "
+            "which has a static shift. Remove objective.dynamic_shift and set objective.shift"
+        )
+
+
+def _check_flux_guidance(o: Any, model: str) -> None:
+    """Guidance distillation of a guidance-embedded Flux student: ``objective.guidance`` holds the CFG
+    scales, each the student's guidance input (``objective.teacher_guidance`` would be a second copy)."""
+    if o.teacher_guidance != 1.0:
+        raise ConfigError(
+            f"objective.teacher_guidance {o.teacher_guidance:g}: for a guidance-embedded Flux student "
+            f"({model}) the teacher's CFG scale is objective.guidance, which is also the student's guidance "
+            f"input; set objective.guidance: {o.teacher_guidance:g} (or a range [low, high]) and remove "
+            "objective.teacher_guidance"
+        )
+    if o.guidance is None:
+        raise ConfigError(
+            f"objective.kind guidance on a guidance-embedded Flux model ({model}) needs objective.guidance: "
+            "the CFG scale of the teacher's target, given to the student as its guidance input; one value "
+            "(e.g. 3.5) or a range [low, high] drawn per sample (e.g. [1.0, 5.0])"
+        )
+    if o.caption_dropout and any(g != 1.0 for g in o.guidance):
+        raise ConfigError(
+            f"objective.caption_dropout with guidance distillation at objective.guidance {o.guidance}: the "
+            "guided target has no unconditional counterpart to learn; remove objective.caption_dropout"
+        )
+
+
+def _check_teacher_family(teacher: str, family: str, model: str) -> None:
+    """A teacher's text inputs and latents are those of its family: it must be the student's."""
+    from mmdit_flow.weights.io import read_json
+
+    folder = Path(model_folder(teacher, "objective.teacher"))
+    for path in (folder / "transformer" / "config.json", folder / "config.json"):
+        if path.is_file():
+            theirs = "flux" if read_json(path).get("_class_name") == "FluxTransformer2DModel" else "sd3"
+            if theirs != family:
+                raise ConfigError(
+                    f"objective.teacher {teacher} is {'a Flux' if theirs == 'flux' else 'an SD3'} model and "
+                    f"the student ({model}) {'a Flux' if family == 'flux' else 'an SD3'} one; a teacher "
+                    "takes the student's latents and text embeddings: distil a teacher of the same family"
+                )
+            return
 
 
 def check_sharding(distributed_type: Any, environ: Mapping[str, str] | None = None) -> None:

@@ -273,7 +273,7 @@ def micro_loss(ctx: Context, batch: dict[str, Any]) -> torch.Tensor:
     txt, vec = combine(drop_captions(parts, ctx.empty, drop), ctx.layout)
 
     extra: dict[str, torch.Tensor] = {}
-    if o.kind in ("flow", "reflow") and ctx.grid is None:
+    if ctx.grid is None:  # t drawn freely (flow, reflow, guidance): Flux's shift and guidance input apply
         t, extra = model_inputs(getattr(ctx.model, "module", ctx.model), x0, t, batch["seed"], o)  # DDP
 
     def velocity(x: torch.Tensor, t: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
@@ -284,7 +284,8 @@ def micro_loss(ctx: Context, batch: dict[str, Any]) -> torch.Tensor:
     if o.kind in ("flow", "reflow"):
         t = ctx.grid.ts[t] if ctx.grid is not None else t
         return cfm_loss(velocity, x0, t=t.to(device), noise=noise, weighting=o.weighting, txt=txt, vec=vec)
-    teacher = ctx.teacher.velocity_fn(ctx.accelerator, ctx.empty, ctx.layout, len(x0))
+    # a guidance-embedded student's guidance input is the CFG scale of its target
+    teacher = ctx.teacher.velocity_fn(ctx.accelerator, ctx.empty, ctx.layout, len(x0), extra.get("guidance"))
     if o.kind == "guidance":
         return objectives.guidance_loss(velocity, teacher, x0, noise, t.to(device), txt=txt, vec=vec)
     t, t_mid, t_next = ctx.grid.times(t)
