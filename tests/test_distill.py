@@ -437,3 +437,25 @@ def test_a_student_run_resumes_exactly_with_accumulation_and_ema(couplings, tmp_
     assert code == 0 and first + second == losses
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_resume_with_another_flux_guidance_range_is_refused(tmp_path):
+    from mmdit_flow.training.config import ConfigError
+    from mmdit_flow.training.run_info import check_resume
+
+    record = {"training": "full", "lora": None, "model": {"preset": "flux_dev"},
+              "trainable": {"tensors": 1, "parameters": 4, "digest": "x"}}  # fmt: skip
+    flow = {"kind": "flow", "teacher_guidance": 1.0, "student_steps": 0}
+    saved = {**record, "objective": {**flow, "guidance": [1.0, 5.0]}}
+    check_resume(saved, {**record, "objective": {**flow, "guidance": [1.0, 5.0]}}, tmp_path)
+    with pytest.raises(ConfigError, match="written with objective.*guidance"):
+        check_resume(saved, {**record, "objective": {**flow, "guidance": [2.0, 5.0]}}, tmp_path)
+    check_resume({**record, "objective": flow}, {**record, "objective": flow}, tmp_path)  # SD3: no key
+    # the record the trainer writes holds the range
+    from mmdit_flow.training.config import config_from_dict
+    from mmdit_flow.training.run_info import run_record
+
+    base = {"model": {"preset": "flux_dev"}, "data": {"path": str(tmp_path)}}
+    config = config_from_dict({**base, "objective": {"guidance": [1, 5]}})
+    assert run_record(config, torch.nn.Linear(2, 2))["objective"]["guidance"] == [1.0, 5.0]
+    assert "guidance" not in run_record(config_from_dict(base), torch.nn.Linear(2, 2))["objective"]

@@ -41,12 +41,15 @@ def run_record(config: TrainConfig, model: nn.Module) -> dict[str, Any]:
     lo = {"rank": lora.rank, "alpha": lora.alpha or float(lora.rank), "target_modules": lora.target_modules}
     source = {"pretrained": m.pretrained} if m.pretrained else {"preset": m.preset, "overrides": m.overrides}
     o = config.objective
+    objective: dict[str, Any] = {
+        "kind": o.kind,
+        "teacher_guidance": o.teacher_guidance,
+        "student_steps": o.student_steps,
+    }
+    if o.guidance is not None:  # Flux's guidance input (a value or a range): what the model learns to take
+        objective["guidance"] = [float(g) for g in o.guidance]
     return {
-        "objective": {
-            "kind": o.kind,
-            "teacher_guidance": o.teacher_guidance,
-            "student_steps": o.student_steps,
-        },
+        "objective": objective,
         "training": "lora" if lora.rank else "full",
         "lora": lo if lora.rank else None,
         "model": source,
@@ -83,7 +86,7 @@ def check_resume(saved: dict[str, Any] | None, current: dict[str, Any], root: Pa
         was, now = saved.get("objective", flow), current["objective"]
         raise ConfigError(
             f"the checkpoints in {root} were written with objective {was}, this config has {now} "
-            f"(objective.kind, teacher_guidance, student_steps): {fix}"
+            f"(objective.kind, teacher_guidance, student_steps, guidance): {fix}"
         )
     if (saved["training"], saved["lora"]) != (current["training"], current["lora"]):
         raise ConfigError(
