@@ -41,6 +41,39 @@ def paired(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0) -> t
     return float(a.mean() - b.mean()), float(low), float(high)
 
 
+# README's grid, fixed before the model was trained: the six prompts of the issue, then six more everyday ones
+EXAMPLES = [
+    "a cat", "a dog", "a pizza", "a red apple", "a rocket", "a house",
+    "a banana", "a car", "a bicycle", "a guitar", "a christmas tree", "a birthday cake",
+]  # fmt: skip
+
+
+def save_examples(pipe, folder: Path, steps: int, guidance: float) -> list[dict]:
+    """Each of :data:`EXAMPLES` as ``folder/tiny-emoji-<i>.png`` (seed i, upscaled 4x, nearest), and what
+    the judge sees in each; returns the rows (also in ``folder/tiny-emoji.json``)."""
+    from PIL import Image
+
+    from mmdit_flow.training.recipes.tiny_emoji import emoji_set as E
+    from mmdit_flow.training.recipes.tiny_emoji import judge
+
+    folder.mkdir(parents=True, exist_ok=True)
+    seeds = list(range(len(EXAMPLES)))
+    images = pipe(EXAMPLES, steps=steps, guidance=guidance, seed=seeds, output="np", progress=False)
+    images = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+    ranked = judge.retrieve(list(images))
+    same, names = judge.picture_classes(), E.catalogue()
+    rows = []
+    for i, (prompt, image, r) in enumerate(zip(EXAMPLES, images, ranked, strict=True)):
+        Image.fromarray(image).resize((256, 256), Image.NEAREST).save(folder / f"tiny-emoji-{i}.png")
+        wanted = judge.parse_caption(prompt)
+        rows.append({
+            "file": f"tiny-emoji-{i}.png", "prompt": prompt, "seed": i,
+            "judge_top1": names[r[0]].name, "hit": bool(same[r[0]] == same[wanted]),
+        })  # fmt: skip
+    (folder / "tiny-emoji.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
 def captions_for(emoji: list[int], split: str, seed: int) -> tuple[list[str], list]:
     from mmdit_flow.training.recipes.tiny_emoji import emoji_set as E
 
@@ -51,6 +84,7 @@ def captions_for(emoji: list[int], split: str, seed: int) -> tuple[list[str], li
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
+    parser.add_argument("--examples", type=Path, default=None, help="only draw README's grid here")
     parser.add_argument("--split", default="heldout", choices=["validation", "heldout"])
     parser.add_argument("--set", default="common", choices=["common", "all", "both"])
     parser.add_argument("--n", type=int, default=None, help="only the first N emoji of each set")
@@ -74,6 +108,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = TextToImagePipeline.from_pretrained(args.model)
+    if args.examples is not None:
+        d = pipe.defaults
+        rows = save_examples(pipe, args.examples, d.steps, d.guidance)
+        print(f"{d.steps} steps, guidance {d.guidance:g}\n\n| prompt | judge's top-1 | hit |\n|---|---|---|")
+        for r in rows:
+            print(f"| {r['prompt']} | {r['judge_top1']} | {'yes' if r['hit'] else 'no'} |")
+        return
     scales = [float(g) for g in args.guidance_list.split(",") if g.strip()]
     sets = {"common": [e.index for e in common.committed_common()], "all": [e.index for e in E.catalogue()]}
     chosen = ["common", "all"] if args.set == "both" else [args.set]

@@ -120,7 +120,7 @@ def tagging_accuracy(
 
 
 @dataclass
-class TaggerResult:
+class EmojiTaggerResult:
     """What :func:`train_tagger` measured: the last step's loss, wall time, and the tag accuracy per
     split's phrasings (``train``: the first training captions; ``validation``, ``heldout``: one caption
     per emoji in those phrasings)."""
@@ -136,7 +136,7 @@ class TaggerResult:
 
 def train_tagger(
     model: torch.nn.Module, tokenizer: Any, cfg: TaggerConfig | None = None, eval_captions: int | None = None
-) -> TaggerResult:
+) -> EmojiTaggerResult:
     """Train ``model`` (a ``T5EncoderModel``) in place as the emoji caption tagger and leave it in eval
     mode; the accuracy is measured on ``eval_captions`` captions of each split (default: one per emoji).
     Deterministic for a config on a given machine and thread count."""
@@ -171,4 +171,6 @@ def train_tagger(
         split_ids, split_tags = token_tags(tokenizer, E.samples(n, seed=cfg.seed, split=split), cfg.length)
         accuracy[split] = tagging_accuracy(model, heads, split_ids, split_tags)
     model.eval()
-    return TaggerResult(steps=cfg.steps, final_loss=float(loss.detach()), seconds=seconds, accuracy=accuracy)
+    return EmojiTaggerResult(
+        steps=cfg.steps, final_loss=float(loss.detach()), seconds=seconds, accuracy=accuracy
+    )
