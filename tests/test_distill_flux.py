@@ -6,6 +6,7 @@ kinds that stay refused."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import types
 from pathlib import Path
@@ -239,6 +240,149 @@ def test_a_range_student_records_flux_default_inside_its_range(tmp_path):
     assert student_defaults(config, None) == {"guidance": 4.0}
 
 
+# ------------------------------------------------------------------ a student that starts as its teacher
+
+
+def _from_folder(folder: Path, overrides: dict, model: dict | None = None, **sections):
+    """A config that fine-tunes ``folder`` with ``model.overrides``."""
+    return config_from_dict({
+        "model": {"pretrained": str(folder), "overrides": overrides, **(model or {})},
+        "data": {"cache_dir": str(folder)},
+        **sections,
+    })  # fmt: skip
+
+
+def test_an_added_guidance_embedding_leaves_the_teacher_unchanged(tmp_path, caplog):
+    """``model.overrides: {guidance_embed: true}`` on a Flux folder without guidance embedding: the built
+    student has the teacher's every tensor plus a guidance embedder whose output layer is zero, and gives the
+    teacher's velocity exactly at any guidance input; saved, diffusers' ``FluxTransformer2DModel`` (with
+    guidance_embeds) equals diffusers' own forward of the teacher folder (no guidance) too."""
+    from diffusers import FluxTransformer2DModel
+
+    from mmdit_flow.training.resolve import transformer_config
+    from mmdit_flow.training.trainer import build_model
+    from mmdit_flow.weights import load_transformer, save_transformer
+    from tests.components import flux_components
+    from tests.test_flux import diffusers_velocity, inputs
+
+    folder = tmp_path / "teacher"
+    flux_components(guidance_embeds=False)["transformer"].save_pretrained(folder / "transformer")
+    config = _from_folder(folder, {"guidance_embed": True})
+    teacher = load_transformer(folder / "transformer", device="cpu", dtype=torch.float32)
+    assert not teacher.config.guidance_embed
+    with caplog.at_level("INFO", logger="mmdit_flow.training.trainer"):
+        student = build_model(config)
+    assert "added a guidance embedding" in caplog.text and "starts as the folder's" in caplog.text
+    assert student.config == dataclasses.replace(teacher.config, guidance_embed=True)
+    assert transformer_config(config) == student.config  # what the run resolves and checks the objective on
+    theirs, ours = teacher.state_dict(), student.state_dict()
+    assert set(ours) - set(theirs) == {f"guidance_in.{k}" for k in student.guidance_in.state_dict()}
+    assert all(torch.equal(ours[k], v) for k, v in theirs.items())
+    assert not student.guidance_in.out_layer.weight.any() and not student.guidance_in.out_layer.bias.any()
+    assert student.guidance_in.in_layer.weight.std() > 0.01  # learnable from the first step
+    assert all(p.requires_grad for p in student.parameters()) and student.training
+
+    kw = inputs(teacher.config, 2, 8, 6)
+    with torch.no_grad():
+        want = teacher(**kw)
+        for g in (0.0, 1.0, 3.5, 100.0, torch.tensor([0.5, 7.0])):
+            torch.testing.assert_close(student(**kw, guidance=g), want, rtol=0, atol=0)
+    save_transformer(student, tmp_path / "student", format="diffusers")
+    ref_student = FluxTransformer2DModel.from_pretrained(tmp_path / "student").eval()
+    ref_teacher = FluxTransformer2DModel.from_pretrained(folder / "transformer").eval()
+    assert ref_student.config.guidance_embeds and not ref_teacher.config.guidance_embeds
+    with torch.no_grad():
+        ref_want = diffusers_velocity(ref_teacher, **kw)
+        for g in (1.0, torch.tensor([0.5, 7.0])):
+            ref_got = diffusers_velocity(ref_student, **kw, guidance=torch.as_tensor(g).expand(2))
+            torch.testing.assert_close(ref_got, ref_want, rtol=0, atol=1e-6)
+        torch.testing.assert_close(want, ref_want, rtol=1e-4, atol=1e-5)  # ours is diffusers'
+
+
+def test_a_student_from_its_teacher_trains_and_loads_in_diffusers(tmp_path):
+    """Guidance distillation whose student starts as the teacher (a schnell-like pipeline folder, CFG scale
+    2.5): a few steps run, the exported transformer has guidance_embeds true, diffusers' ``FluxPipeline``
+    loads the folder and gives our image at its recorded guidance (1e-3), and the guidance input acts."""
+    from diffusers import FluxPipeline
+    from PIL import Image
+
+    from mmdit_flow.pipelines import TextToImagePipeline
+    from mmdit_flow.training.trainer import train
+    from tests.components import flux_components, save_diffusers_folder
+
+    teacher = save_diffusers_folder(flux_components(guidance_embeds=False), tmp_path / "teacher")
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"a shape number {i}")
+    config = _from_folder(
+        teacher,
+        {"guidance_embed": True},
+        model={"max_sequence_length": 16},
+        data={"path": str(images), "resolution": 16, "bucket_step": 16, "batch_size": 2},
+        objective={"kind": "guidance", "teacher": str(teacher), "guidance": 2.5},
+        optimizer={"lr": 1e-2},
+        schedule={"max_steps": 20},
+        output={"dir": str(tmp_path / "run"), "trackers": [], "progress": False, "checkpoint_every": 20},
+    )
+    assert train(config) == 0
+    final = tmp_path / "run" / "final"
+    assert json.loads((final / "transformer" / "config.json").read_text())["guidance_embeds"] is True
+    assert json.loads((final / "mmdit_flow.json").read_text())["defaults"]["guidance"] == 2.5
+    ref = FluxPipeline.from_pretrained(final)
+    ref.set_progress_bar_config(disable=True)
+    assert ref.transformer.config.guidance_embeds
+    a = ref("a red square", num_inference_steps=28, guidance_scale=2.5, output_type="np", height=16,
+            width=16, max_sequence_length=16, generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    ours = TextToImagePipeline.from_pretrained(final, device="cpu", dtype=torch.float32)
+    b = ours("a red square", seed=0, output="np", progress=False)
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-3
+    c = ours("a red square", seed=0, guidance=1.0, output="np", progress=False)
+    assert np.abs(np.asarray(c) - np.asarray(b)).max() > 1e-3  # the added embedding learned to act
+
+
+def test_guidance_embed_on_a_folder_that_has_one_changes_nothing(tmp_path):
+    """``guidance_embed: true`` on a guidance-embedded folder is a no-op: its trained embedding is kept."""
+    from mmdit_flow.training.trainer import build_model
+    from mmdit_flow.weights import load_transformer
+
+    folder = _teacher(tmp_path / "dev", guidance_embed=True)
+    saved = load_transformer(folder / "transformer", device="cpu", dtype=torch.float32).state_dict()
+    built = build_model(_from_folder(folder, {"guidance_embed": True})).state_dict()
+    assert built.keys() == saved.keys() and all(torch.equal(built[k], v) for k, v in saved.items())
+    assert built["guidance_in.out_layer.weight"].abs().min() > 0  # not re-initialised
+
+
+@pytest.mark.parametrize(
+    "folder, overrides, sections, message",
+    [
+        ("sd3", {"guidance_embed": True}, {}, "is an SD3 model; a guidance embedding .* Flux models only"),
+        ("schnell", {"guidance_embed": True, "depth": 2}, {},
+         "overrides \\['depth'\\] with model.pretrained .* keeps the shapes of its weights"),
+        ("schnell", {"guidance_embeds": True}, {}, "\\['guidance_embeds'\\] .* guidance_embed: true"),
+        ("schnell", {"guidance_embed": "yes"}, {}, "must be true or false, got 'yes'"),
+        ("dev", {"guidance_embed": False}, {}, "has a guidance embedding, and removing it"),
+        ("schnell", {"guidance_embed": True}, {"lora": {"rank": 4}}, "LoRA would keep it frozen"),
+    ],
+    ids=["sd3", "other-field", "diffusers-name", "not-bool", "remove", "lora"],
+)  # fmt: skip
+def test_adding_a_guidance_embedding_where_it_cannot_be_says_why(
+    tmp_path, folder, overrides, sections, message
+):
+    from mmdit_flow.training.resolve import transformer_config
+    from mmdit_flow.training.trainer import build_model
+
+    shipped = Path(__file__).resolve().parents[1] / "weights" / "tiny-shapes"  # an SD3 pipeline folder
+    path = shipped if folder == "sd3" else _teacher(tmp_path / folder, guidance_embed=folder == "dev")
+    config = _from_folder(path, overrides, **sections)
+    with pytest.raises(ConfigError, match=message):
+        transformer_config(config)
+    with pytest.raises(ConfigError, match=message):
+        build_model(config)
+
+
 # ------------------------------------------------------------------------------------------ refusals
 
 
@@ -284,3 +428,15 @@ def test_the_documented_config_loads():
     block = re.search(r"```yaml\n(model:\n  pretrained: path/to/student.*?)```", text, re.S).group(1)
     o = config_from_dict(yaml.safe_load(block)).objective
     assert (o.kind, o.guidance, o.teacher_guidance, o.dynamic_shift) == ("guidance", [1.0, 5.0], 1.0, True)
+
+
+def test_the_documented_student_from_its_teacher_config_loads():
+    import re
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text(encoding="utf-8")
+    block = re.search(r"```yaml\n(model:\n  pretrained: path/to/cfg-teacher.*?)```", text, re.S).group(1)
+    c = config_from_dict(yaml.safe_load(block))
+    assert c.model.overrides == {"guidance_embed": True} and c.model.pretrained == c.objective.teacher
+    assert (c.objective.kind, c.objective.guidance) == ("guidance", [1.0, 5.0])

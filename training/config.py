@@ -46,7 +46,8 @@ TRACKERS = (
 class ModelConfig:
     preset: str | None = None  # train from scratch: an SD3Config preset name, or flux_dev / flux_schnell
     pretrained: str | None = None  # a diffusers folder (or its transformer/ subfolder): fine-tune
-    overrides: dict[str, Any] = field(default_factory=dict)  # SD3Config / FluxConfig fields replaced
+    # SD3Config / FluxConfig fields replaced; with `pretrained` only guidance_embed (training/resolve.py)
+    overrides: dict[str, Any] = field(default_factory=dict)
     components: str | None = None  # diffusers folder with vae/ and text encoders; defaults to `pretrained`
     max_sequence_length: int | None = None  # T5 tokens; None: the model's (see training/resolve.py)
     gradient_checkpointing: bool = False

@@ -71,8 +71,9 @@ def model_size(model_config: Any, vae_scale: int) -> ModelSize:
 
 
 def transformer_config(config: TrainConfig) -> Any:
-    """The transformer's config without loading its weights where the files allow (a preset, a diffusers
-    folder); an original single file is loaded."""
+    """The transformer's config, ``model.overrides`` applied (``pretrained_config`` for a folder), without
+    loading its weights where the files allow (a preset, a diffusers folder); an original single file is
+    loaded."""
     from mmdit_flow.weights.io import read_json
 
     m = config.model
@@ -103,10 +104,54 @@ def transformer_config(config: TrainConfig) -> Any:
 
             cfg = read_json(folder / "config.json")
             fam = "flux" if cfg.get("_class_name") == "FluxTransformer2DModel" else "sd3"
-            return family(fam).config_from_diffusers(cfg)
+            return pretrained_config(family(fam).config_from_diffusers(cfg), config)
     from mmdit_flow.weights import load_transformer
 
-    return load_transformer(path, device="cpu").config
+    return pretrained_config(load_transformer(path, device="cpu").config, config)
+
+
+PRETRAINED_OVERRIDES = ("guidance_embed",)  # the model.overrides a loaded model takes
+
+
+def pretrained_config(folder_config: Any, config: TrainConfig) -> Any:
+    """The config of the model a ``model.pretrained`` run trains: the folder's, with ``model.overrides``.
+
+    Loaded weights keep their shapes, so the one override they take is ``guidance_embed: true`` on a Flux
+    model without guidance embedding (schnell-like): the trainer adds a guidance embedding whose output
+    layer is zero, so that the model starts as the folder's (``trainer.add_guidance_embedding``). On a Flux
+    model that has one already it changes nothing (the trained embedding is kept)."""
+    m = config.model
+    if not m.overrides:
+        return folder_config
+    where = f"model.pretrained ({m.pretrained})"
+    other = sorted(set(m.overrides) - set(PRETRAINED_OVERRIDES))
+    if other:
+        raise ConfigError(
+            f"model.overrides {other} with {where}: a loaded model keeps the shapes of its weights; the one "
+            "override it takes is guidance_embed: true (a Flux model without guidance embedding gains one). "
+            f"Remove {other}, or train a preset from scratch (model.preset) with them"
+        )
+    value = m.overrides["guidance_embed"]
+    if not hasattr(folder_config, "guidance_embed"):
+        raise ConfigError(
+            f"model.overrides.guidance_embed: {where} is an SD3 model; a guidance embedding (the guidance "
+            "input of FLUX.1-dev) is added to Flux models only: remove model.overrides.guidance_embed "
+            "(an SD3 guidance student learns one CFG scale, objective.teacher_guidance)"
+        )
+    if not isinstance(value, bool):
+        raise ConfigError(f"model.overrides.guidance_embed must be true or false, got {value!r}")
+    if folder_config.guidance_embed and not value:
+        raise ConfigError(
+            f"model.overrides.guidance_embed: false: {where} has a guidance embedding, and removing it "
+            "would change what the model computes: remove model.overrides.guidance_embed"
+        )
+    if value and not folder_config.guidance_embed and config.lora.rank:
+        raise ConfigError(
+            f"model.overrides.guidance_embed: true with lora.rank {config.lora.rank}: the added guidance "
+            "embedding starts at zero and LoRA would keep it frozen there, so the guidance input would "
+            "never act; train the full model (lora.rank: 0)"
+        )
+    return dataclasses.replace(folder_config, guidance_embed=value)
 
 
 def _vae_scale(components: str | None) -> int:

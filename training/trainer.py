@@ -60,6 +60,7 @@ from mmdit_flow.training.resolve import (
     check_family,
     check_sharding,
     check_size,
+    pretrained_config,
     resolve_config,
     transformer_config,
 )
@@ -100,7 +101,9 @@ class TrainState:
 
 
 def build_model(config: TrainConfig) -> nn.Module:
-    """A preset SD3 or Flux transformer (``model.overrides`` applied) in fp32, or ``model.pretrained``'s."""
+    """A preset SD3 or Flux transformer (``model.overrides`` applied) in fp32, or ``model.pretrained``'s
+    (with ``model.overrides: {guidance_embed: true}``, a Flux model without guidance embedding gains one
+    that leaves it unchanged: ``add_guidance_embedding``)."""
     m = config.model
     if m.preset is not None:
         from mmdit_flow.models.flux import FluxConfig, FluxTransformer
@@ -115,8 +118,56 @@ def build_model(config: TrainConfig) -> nn.Module:
         if (path / "transformer").is_dir():
             path = path / "transformer"
         model = load_transformer(path, device="cpu", dtype=torch.float32)
+        wanted = pretrained_config(model.config, config)  # checks model.overrides against the folder
+        if getattr(wanted, "guidance_embed", False) != getattr(model.config, "guidance_embed", False):
+            model = add_guidance_embedding(model)
+            n = sum(p.numel() for p in model.guidance_in.parameters())
+            logger.info(
+                "model.overrides.guidance_embed: added a guidance embedding to %s (guidance_in, %d "
+                "parameters, its output layer zero: the model starts as the folder's at every guidance)",
+                path, n,
+            )  # fmt: skip
+        elif m.overrides:
+            logger.info(
+                "model.overrides.guidance_embed: %s has guidance_embed=%s already",
+                path,
+                wanted.guidance_embed,
+            )
     model.gradient_checkpointing = m.gradient_checkpointing
     return model.float().train()
+
+
+def add_guidance_embedding(model: nn.Module) -> nn.Module:
+    """A guidance-embedded copy of a Flux ``model`` without one, equal to it for every guidance input.
+
+    Flux adds the guidance embedding ``guidance_in(g)`` to the timestep embedding (as diffusers'
+    ``CombinedTimestepGuidanceTextProjEmbeddings`` does), so a ``guidance_in`` whose output layer is zero
+    (weight and bias) adds exactly 0; its input layer is initialised as ``FluxTransformer`` initialises its
+    embedders, so the output layer gets gradients from the first step. Every other tensor is ``model``'s own
+    (shared, not copied); the keys must match exactly."""
+    from mmdit_flow.models.flux import FluxTransformer
+
+    if model.config.guidance_embed:
+        raise ValueError("add_guidance_embedding: the model has a guidance embedding already")
+    device = next(model.parameters()).device
+    with torch.device("meta"):
+        student = FluxTransformer(dataclasses.replace(model.config, guidance_embed=True))
+    result = student.load_state_dict(model.state_dict(), strict=False, assign=True)
+    added = {f"guidance_in.{k}" for k in student.guidance_in.state_dict()}
+    if result.unexpected_keys or set(result.missing_keys) != added:
+        raise RuntimeError(
+            "add_guidance_embedding: the guidance-embedded Flux model expects exactly the keys of the model "
+            f"plus {sorted(added)}; missing {sorted(set(result.missing_keys) - added)}, unexpected "
+            f"{sorted(result.unexpected_keys)}"
+        )
+    embedder = student.guidance_in.to_empty(device=device)
+    with torch.no_grad():
+        nn.init.normal_(embedder.in_layer.weight, std=0.02)
+        nn.init.zeros_(embedder.in_layer.bias)
+        nn.init.zeros_(embedder.out_layer.weight)
+        nn.init.zeros_(embedder.out_layer.bias)
+    student.attention_backend = model.attention_backend
+    return student.train(model.training)
 
 
 def lr_factor(step: int, schedule: Any) -> float:
