@@ -590,6 +590,11 @@ def train(
             )
     if code == 0 and acc.is_main_process:
         logger.info("%s", wrote(cfg, final, latest_checkpoint(ckpt_root)))
+    # let go of the DDP wrapper while the process group lives: its reducer holds the group, and freed after
+    # end_training destroyed it, gloo's destructor waited forever for threads of a peer that had exited
+    del ctx, model, optimizer
+    acc.free_memory()
+    acc.wait_for_everyone()
     acc.end_training()
     return code
 
