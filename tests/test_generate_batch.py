@@ -18,7 +18,7 @@ from mmdit_flow.pipelines import generate
 from mmdit_flow.pipelines.cli import main
 from mmdit_flow.pipelines.generate_cli import read_metadata
 from mmdit_flow.pipelines.parameters import DEMO_MODEL, GenerationParameters, resolved_settings
-from tests.train_helpers import free_port
+from tests.train_helpers import free_port, run_launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -114,7 +114,7 @@ def test_two_processes_under_torchrun_equal_one(pipe, prompts_file, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            "-m", "mmdit_flow.pipelines.generate", "--prompts", str(prompts_file), "--out", str(out),
            "--steps", "2", "--seed", "10", "--batch-size", "2", *CPU]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_launcher(cmd, 600, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (
         "process 0 of 2: wrote 3 image(s)" in proc.stdout

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -13,7 +12,7 @@ from safetensors.torch import load_file
 
 from mmdit_flow.training.config import save_config
 from mmdit_flow.training.trainer import train
-from tests.train_helpers import free_port, make_cache, tiny_config, tiny_model
+from tests.train_helpers import free_port, make_cache, run_launcher, tiny_config, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = textwrap.dedent(
@@ -53,7 +52,7 @@ def test_two_processes_match_one(tmp_path):
     port = str(free_port())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            str(tmp_path / "run.py"), str(tmp_path / "two.yaml")]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_launcher(cmd, 300, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [load_file(str(tmp_path / "two" / f"rank{r}.st")) for r in range(2)]
     for name in ranks[0]:
@@ -93,3 +92,36 @@ def test_fsdp_on_cpu_processes_is_refused_not_ignored(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="FSDP was asked for.*trained unsharded"):
         train(config, model=tiny_model(0))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_launcher_timeout_kills_its_ranks_too(tmp_path):
+    import subprocess
+    import time
+
+    import pytest
+
+    pid_file = tmp_path / "rank.pid"
+    launcher = (
+        "import subprocess, sys, time\n"
+        "rank = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(rank.pid))\n"
+        "time.sleep(60)\n"
+    )
+    start = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_launcher([sys.executable, "-c", launcher], 3)
+    assert time.monotonic() - start < 30  # it did not wait for the rank's pipes
+
+    def alive(pid: int) -> bool:  # a killed rank may linger as a zombie until it is reaped
+        try:
+            state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0]
+        except OSError:
+            return False
+        return "Z" not in state
+
+    rank = int(pid_file.read_text())
+    for _ in range(50):
+        if not alive(rank):
+            break
+        time.sleep(0.1)
+    assert not alive(rank), "the launcher's rank outlived the timeout"

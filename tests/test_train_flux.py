@@ -448,13 +448,12 @@ sys.exit(code)
 
 def test_flux_two_processes_match_one(tmp_path):
     """Two CPU processes (gloo DDP, as tests/test_train_distributed.py) equal one with the combined batch."""
-    import subprocess
     import sys
 
     from safetensors.torch import load_file
 
     from mmdit_flow.training.config import save_config
-    from tests.train_helpers import free_port
+    from tests.train_helpers import free_port, run_launcher
 
     root = Path(__file__).resolve().parents[1]
     cache = make_flux_cache(tmp_path / "cache", n=16)
@@ -467,7 +466,7 @@ def test_flux_two_processes_match_one(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), str(tmp_path / "run.py"), str(tmp_path / "two.yaml")]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_launcher(cmd, 300, cwd=root, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [load_file(str(tmp_path / "two" / f"rank{r}.st")) for r in range(2)]
     model = tiny_flux(0)
