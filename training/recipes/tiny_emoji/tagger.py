@@ -21,14 +21,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from functools import cache
 from typing import Any
 
 import torch
 
 from mmdit_flow.training.recipes.tiny_emoji import emoji_set as E
+from mmdit_flow.training.recipes.tiny_shapes.text_train import IGNORE, tagging_accuracy, tagging_loss
 
-IGNORE = -100
 TAGS = ("picture", "background", "word")
 BACKGROUND_CLASSES = ("unstated", *E.BACKGROUNDS)
 
@@ -63,7 +62,9 @@ def token_tags(
     """Token ids [N, length] of the samples' captions (padded as the pipelines pad them) and each tag per
     token [N, length]: every token of a caption (not the padding) carries its picture, its background and
     its own id."""
-    pictures = _picture_classes()
+    from mmdit_flow.training.recipes.tiny_emoji import judge
+
+    pictures = judge.picture_classes()
     enc = tokenizer(
         [E.caption(s) for s in samples],
         padding="max_length",
@@ -73,7 +74,7 @@ def token_tags(
     )
     ids = enc.input_ids
     real = enc.attention_mask.bool()
-    picture = torch.tensor([pictures[s.emoji] for s in samples])
+    picture = torch.tensor([int(pictures[s.emoji]) for s in samples])
     background = torch.tensor(
         [BACKGROUND_CLASSES.index(s.background) if s.show_background else 0 for s in samples]
     )
@@ -85,38 +86,9 @@ def token_tags(
     return ids, tags
 
 
-@cache
-def _picture_classes() -> tuple[int, ...]:
-    from mmdit_flow.training.recipes.tiny_emoji import judge
-
-    return tuple(int(c) for c in judge.picture_classes())
-
-
 def _heads(width: int, vocab_size: int) -> torch.nn.ModuleDict:
     sizes = {"picture": len(E.catalogue()), "background": len(BACKGROUND_CLASSES), "word": vocab_size}
     return torch.nn.ModuleDict({name: torch.nn.Linear(width, n) for name, n in sizes.items()})
-
-
-def _loss(states: torch.Tensor, heads: torch.nn.ModuleDict, tags: dict[str, torch.Tensor]) -> torch.Tensor:
-    ce = torch.nn.functional.cross_entropy
-    return sum(
-        ce(head(states).flatten(0, 1), tags[name].flatten(), ignore_index=IGNORE)
-        for name, head in heads.items()
-    )
-
-
-@torch.no_grad()
-def tagging_accuracy(
-    model: torch.nn.Module, heads: torch.nn.ModuleDict, ids: torch.Tensor, tags: dict[str, torch.Tensor]
-) -> dict[str, float]:
-    """Share of tagged tokens whose tag the heads predict, per head."""
-    model.eval()
-    states = model(ids).last_hidden_state
-    out = {}
-    for name, head in heads.items():
-        mask = tags[name] != IGNORE
-        out[name] = float((head(states).argmax(-1)[mask] == tags[name][mask]).float().mean())
-    return out
 
 
 @dataclass
@@ -160,17 +132,17 @@ def train_tagger(
         batch = torch.where(drop, tokenizer.unk_token_id, batch)
         batch_tags = {k: v[pick] for k, v in tags.items()}
         batch_tags["word"] = torch.where(drop, tokenizer.unk_token_id, batch_tags["word"])
-        loss = _loss(model(batch).last_hidden_state, heads, batch_tags)
+        loss = tagging_loss(model(batch).last_hidden_state, heads, batch_tags)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     seconds = time.perf_counter() - start
+    model.eval()
     n = len(E.catalogue()) if eval_captions is None else eval_captions
     accuracy = {"train": tagging_accuracy(model, heads, ids[:n], {k: v[:n] for k, v in tags.items()})}
     for split in ("validation", "heldout"):
         split_ids, split_tags = token_tags(tokenizer, E.samples(n, seed=cfg.seed, split=split), cfg.length)
         accuracy[split] = tagging_accuracy(model, heads, split_ids, split_tags)
-    model.eval()
     return EmojiTaggerResult(
         steps=cfg.steps, final_loss=float(loss.detach()), seconds=seconds, accuracy=accuracy
     )
