@@ -25,7 +25,6 @@ HELP = (
     "Open a local web page to generate and edit images, watch them form and keep a gallery "
     "(needs the serve extra: pip install 'mmdit-flow[serve]')."
 )
-SHIPPED_MODELS = ("shipped:tiny-shapes", "shipped:tiny-shapes-turbo")
 SAMPLERS = ("euler", "midpoint", "heun", "rk4")
 GALLERY_SIZE = 64  # the newest images the gallery keeps
 # the result fills its box, small images scaled up without blur
@@ -117,8 +116,10 @@ class Studio:
     @property
     def models(self) -> list[str]:
         """The models the page offers: the one given at start and the shipped ones."""
-        given = [self.model] if self.model not in SHIPPED_MODELS else []
-        return [*given, *SHIPPED_MODELS]
+        from mmdit_flow.shipped import SHIPPED, shipped_models
+
+        shipped = [SHIPPED + name for name in shipped_models()]
+        return [*([] if self.model in shipped else [self.model]), *shipped]
 
     def generate(
         self,
