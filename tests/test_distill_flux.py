@@ -18,6 +18,7 @@ import torch
 from mmdit_flow.sampling import cfg
 from mmdit_flow.training.config import ConfigError, config_from_dict
 from tests.test_train_flux import FLUX_TINY, make_flux_cache, tiny_flux
+from tests.train_helpers import captioned_noise_folder
 
 SQUARE = ((8, 8),)  # one latent shape: any records form a batch
 
@@ -190,7 +191,6 @@ def test_the_student_folder_samples_at_its_guidance_in_both_pipelines(tmp_path):
     ``FluxPipeline`` at ``guidance_scale=2.5, num_inference_steps=28`` (which feeds 2.5 to the embedding, no
     CFG), and differs from guidance 1."""
     from diffusers import FluxPipeline
-    from PIL import Image
 
     from mmdit_flow.pipelines import TextToImagePipeline
     from mmdit_flow.training.trainer import train
@@ -199,12 +199,7 @@ def test_the_student_folder_samples_at_its_guidance_in_both_pipelines(tmp_path):
     base = save_diffusers_folder(flux_components(), tmp_path / "base")
     teacher = tmp_path / "teacher"  # no guidance embedding: a model trained for CFG, the base's text sizes
     flux_components(guidance_embeds=False)["transformer"].save_pretrained(teacher / "transformer")
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text(f"a shape number {i}")
+    images = captioned_noise_folder(tmp_path / "images")
     cfg_ = config_from_dict({
         "model": {"pretrained": str(base), "max_sequence_length": 16},
         "data": {"path": str(images), "resolution": 16, "bucket_step": 16, "batch_size": 2},
@@ -304,19 +299,13 @@ def test_a_student_from_its_teacher_trains_and_loads_in_diffusers(tmp_path):
     2.5): a few steps run, the exported transformer has guidance_embeds true, diffusers' ``FluxPipeline``
     loads the folder and gives our image at its recorded guidance (1e-3), and the guidance input acts."""
     from diffusers import FluxPipeline
-    from PIL import Image
 
     from mmdit_flow.pipelines import TextToImagePipeline
     from mmdit_flow.training.trainer import train
     from tests.components import flux_components, save_diffusers_folder
 
     teacher = save_diffusers_folder(flux_components(guidance_embeds=False), tmp_path / "teacher")
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text(f"a shape number {i}")
+    images = captioned_noise_folder(tmp_path / "images")
     config = _from_folder(
         teacher,
         {"guidance_embed": True},

@@ -24,6 +24,7 @@ from mmdit_flow.training.trainer import (
     train,
 )
 from tests.components import flux_components, save_diffusers_folder
+from tests.train_helpers import captioned_noise_folder
 
 # our FluxConfig fields; latents [4, H, W] (16 channels after 2x2 packing), t5 [5, 16], pooled CLIP-L [8]
 FLUX_TINY = {
@@ -357,12 +358,7 @@ def test_fine_tuned_flux_folder_loads_in_diffusers_with_our_images(tmp_path, lor
     from PIL import Image
 
     base = save_diffusers_folder(flux_components(), tmp_path / "base")
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(images / f"{i}.png")
-        (images / f"{i}.txt").write_text(f"a shape number {i}")
+    images = captioned_noise_folder(tmp_path / "images")
     targets = ["img_attn.qkv", "txt_attn.proj", "linear1"]
     cfg = config_from_dict({
         "model": {"pretrained": str(base), "max_sequence_length": 16},

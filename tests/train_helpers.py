@@ -113,3 +113,16 @@ def run_launcher(cmd: list[str], timeout: float, **kwargs) -> subprocess.Complet
         proc.communicate()
         raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def captioned_noise_folder(folder: Path, n: int = 4, size: int = 16) -> Path:
+    """``n`` random RGB images of ``size`` px with captions "a shape number i" (an image folder)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a shape number {i}")
+    return folder

@@ -18,15 +18,13 @@ measures how the tags carry over to the validation and held-out phrasings.
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from mmdit_flow.training.recipes.tiny_emoji import emoji_set as E
-from mmdit_flow.training.recipes.tiny_shapes.text_train import IGNORE, tagging_accuracy, tagging_loss
+from mmdit_flow.training.recipes.tiny_shapes.text_train import IGNORE, fit_heads, tagging_accuracy
 
 TAGS = ("picture", "background", "word")
 BACKGROUND_CLASSES = ("unstated", *E.BACKGROUNDS)
@@ -117,26 +115,14 @@ def train_tagger(
     heads = _heads(model.config.d_model, model.config.vocab_size)
     ids, tags = token_tags(tokenizer, E.samples(cfg.captions, seed=cfg.seed), cfg.length)
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
-    params = [*model.parameters(), *heads.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    model.train()
-    start = time.perf_counter()
-    loss = torch.zeros(())
-    for step in range(cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-        pick = torch.randint(0, len(ids), (cfg.batch_size,), generator=gen)
-        batch = ids[pick]
+
+    def unknown_words(batch: torch.Tensor, batch_tags: dict, gen: torch.Generator) -> tuple:
         drop = (torch.rand(batch.shape, generator=gen) < cfg.unk_rate) & ~torch.isin(batch, special)
-        batch = torch.where(drop, tokenizer.unk_token_id, batch)
-        batch_tags = {k: v[pick] for k, v in tags.items()}
-        batch_tags["word"] = torch.where(drop, tokenizer.unk_token_id, batch_tags["word"])
-        loss = tagging_loss(model(batch).last_hidden_state, heads, batch_tags)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    seconds = time.perf_counter() - start
+        word = torch.where(drop, tokenizer.unk_token_id, batch_tags["word"])
+        return torch.where(drop, tokenizer.unk_token_id, batch), {**batch_tags, "word": word}
+
+    loss, seconds = fit_heads(model, heads, ids, tags, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                              seed=cfg.seed, corrupt=unknown_words)  # fmt: skip
     model.eval()
     n = len(E.catalogue()) if eval_captions is None else eval_captions
     accuracy = {"train": tagging_accuracy(model, heads, ids[:n], {k: v[:n] for k, v in tags.items()})}

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -145,6 +145,45 @@ def tagging_accuracy(
     return out
 
 
+Corrupt = Callable[[torch.Tensor, dict[str, torch.Tensor], torch.Generator], tuple[torch.Tensor, dict]]
+
+
+def fit_heads(
+    model: torch.nn.Module,
+    heads: torch.nn.ModuleDict,
+    ids: torch.Tensor,
+    tags: dict[str, torch.Tensor],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    corrupt: Corrupt | None = None,
+) -> tuple[torch.Tensor, float]:
+    """Train ``model`` and ``heads`` together on :func:`tagging_loss`: ``steps`` AdamW steps of
+    ``batch_size`` rows of ``ids`` / ``tags`` drawn from a generator of ``seed``, learning rate ``lr`` with a
+    cosine decay to 0; ``corrupt(ids, tags, generator)`` may change each batch first. Returns the last
+    step's loss and the seconds it took; ``model`` is left in train mode."""
+    params = [*model.parameters(), *heads.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    start = time.perf_counter()
+    loss = torch.zeros(())
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        pick = torch.randint(0, len(ids), (batch_size,), generator=gen)
+        batch, batch_tags = ids[pick], {k: v[pick] for k, v in tags.items()}
+        if corrupt is not None:
+            batch, batch_tags = corrupt(batch, batch_tags, gen)
+        loss = tagging_loss(model(batch).last_hidden_state, heads, batch_tags)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return loss, time.perf_counter() - start
+
+
 @dataclass
 class TaggerResult:
     """What :func:`train_t5_tagger` measured: the last step's loss, wall time, and the tag accuracy on
@@ -173,21 +212,8 @@ def train_t5_tagger(
     torch.manual_seed(cfg.seed)
     heads = tag_heads(model.config.d_model, cfg.tags, model.config.vocab_size)
     ids, tags = token_tags(tokenizer, shapes.train_scenes(cfg.captions, seed=cfg.seed), cfg.length)
-    params = [*model.parameters(), *heads.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    model.train()
-    start = time.perf_counter()
-    loss = torch.zeros(())
-    for step in range(cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-        pick = torch.randint(0, len(ids), (cfg.batch_size,), generator=gen)
-        loss = tagging_loss(model(ids[pick]).last_hidden_state, heads, {k: v[pick] for k, v in tags.items()})
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    seconds = time.perf_counter() - start
+    loss, seconds = fit_heads(model, heads, ids, tags, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                              seed=cfg.seed)  # fmt: skip
     model.eval()
     n = min(eval_captions, cfg.captions)
     heldout = shapes.heldout_scenes(eval_captions, seed=cfg.seed)
